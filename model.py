@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -450,16 +449,55 @@ def _hf_name(name: str) -> str | None:
     return name.removeprefix("model.")
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def _iter_safetensors(path: str, files: list[str]) -> Iterator[tuple[str, Tensor]]:
     for f in files:
-        file_path = os.path.join(path, f)
+        yield from _read_safetensors(os.path.join(path, f))
+
+
+def _read_safetensors(file_path: str) -> Iterator[tuple[str, Tensor]]:
+    """Reads each tensor straight into fresh memory with readinto. The format is an 8-byte header length, a
+    JSON header of {name: {dtype, shape, data_offsets}}, then the data. Not memory-mapping the file matters:
+    mapped pages count as resident on top of the copies, which would double peak memory while loading."""
+    size = os.path.getsize(file_path)
+    with open(file_path, "rb") as f:
         try:
-            with safe_open(file_path, framework="pt") as st:
-                for key in st.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    if (name := _hf_name(key)) is not None:
-                        yield name, st.get_tensor(key)
-        except SafetensorError as e:
-            raise ValueError(f"{file_path}: unreadable safetensors file ({e})") from None
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file_path}: not a safetensors file ({e})") from None
+        data_start = 8 + header_len
+        header.pop("__metadata__", None)
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            if data_start + end > size:
+                raise ValueError(f"{file_path}: truncated: tensor {key!r} ends at byte {data_start + end} of {size}")
+            name = _hf_name(key)
+            if name is None:
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{file_path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            if tensor.numel() * tensor.element_size() != end - begin:
+                raise ValueError(f"{file_path}: tensor {key!r}: {end - begin} bytes for shape {info['shape']}")
+            f.seek(data_start + begin)
+            f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            yield name, tensor
 
 
 def _iter_bins(path: str, files: list[str]) -> Iterator[tuple[str, Tensor]]:
@@ -532,7 +570,7 @@ def load_model(
             tensor = add_pad_rows(tensor, args.vocab_size)
         check_shape(name, tensor, expected[name].shape, path)
         module_name, _, attr = name.rpartition(".")
-        tensor = tensor.to(device=device, dtype=dtype, copy=True)
+        tensor = tensor.to(device=device, dtype=dtype)  # no copy if already right: memory-mapped .bin stays so
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor))
         loaded.add(name)
     tied_head = {"lm_head.weight"} if args.tie_word_embeddings else set()
