@@ -1,0 +1,209 @@
+"""train.py end to end on the CPU: torchrun with 2 gloo processes against 1 process, resume, schedule, flags."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
+
+from model import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer_model) -> str:
+    """A random LLaMA with the real 32000-piece vocabulary, written by transformers."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    shutil.copyfile(tokenizer_model, path / "tokenizer.model")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, alpaca_sample) -> str:
+    """64 real Alpaca records: enough for a few steps, with lengths that differ a lot."""
+    path = tmp_path_factory.mktemp("data") / "alpaca64.json"
+    path.write_text(json.dumps(json.loads(alpaca_sample.read_text())[:64]))
+    return str(path)
+
+
+CACHE = os.path.join(ROOT, ".cache")  # the tokenized-data cache, kept out of the user's home
+
+
+def run(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, TRAIN, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
+        cmd += args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": CACHE}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def common(model: str, data: str, out, **overrides) -> list[str]:
+    flags = dict(
+        model_name_or_path=model, data_path=data, output_dir=str(out), model_max_length=256, learning_rate=1e-3,
+        warmup_ratio=0.2, seed=7, save_strategy="no", logging_steps=1, save_dtype="float32",
+    ) | overrides  # fmt: skip
+    return [item for k, v in flags.items() for item in (f"--{k}", str(v))]
+
+
+def metrics(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= tol, name
+
+
+def test_two_process_bf16_run_exports_a_transformers_model(tiny_model, alpaca_sample, tmp_path):
+    out = tmp_path / "out"
+    flags = common(
+        tiny_model,
+        str(alpaca_sample),
+        out,
+        max_steps=12,
+        save_dtype="bfloat16",
+        model_max_length=512,
+        learning_rate=5e-3,
+    )
+    flags += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--bf16", "True"]
+    run(flags, nproc=2)
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    assert {"lr", "grad_norm", "supervised_tokens_per_s", "mfu", "peak_memory_gb", "epoch"} <= metrics(out)[0].keys()
+
+    ours = load_model(str(out))
+    assert ours.args.vocab_size == 32001 and ours.args.pad_token_id == 32000
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 32001, (2, 48))
+    with torch.no_grad():
+        assert (ours(tokens) - reference(tokens).logits).abs().max() <= 1e-5
+
+
+def test_two_processes_match_one_process_fp32(tiny_model, small_data, tmp_path):
+    batch = {"per_device_train_batch_size": 2, "max_steps": 5, "bf16": False}
+    one = common(tiny_model, small_data, tmp_path / "one", gradient_accumulation_steps=4, **batch)
+    two = common(tiny_model, small_data, tmp_path / "two", gradient_accumulation_steps=2, **batch)
+    run(one + ["--packing", "False"])
+    run(two + ["--packing", "False"], nproc=2)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), 1e-5)
+
+
+def test_packing_matches_padding_fp32(tiny_model, small_data, tmp_path):
+    """Packing rearranges the same records of a step into rows: the same losses and weights."""
+    flags = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=4, bf16=False)
+    run(common(tiny_model, small_data, tmp_path / "padded", packing=False, **flags))
+    run(common(tiny_model, small_data, tmp_path / "packed", packing=True, **flags))
+    for a, b in zip(metrics(tmp_path / "padded"), metrics(tmp_path / "packed"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    assert_same_weights(weights(tmp_path / "padded"), weights(tmp_path / "packed"), 1e-5)
+
+
+def test_accumulation_matches_larger_micro_batch(tiny_model, small_data, tmp_path):
+    flags = dict(max_steps=4, bf16=False, packing=False)
+    run(common(tiny_model, small_data, tmp_path / "accum", per_device_train_batch_size=1, **flags)
+        + ["--gradient_accumulation_steps", "4"])  # fmt: skip
+    run(common(tiny_model, small_data, tmp_path / "micro", per_device_train_batch_size=4, **flags)
+        + ["--gradient_accumulation_steps", "1"])  # fmt: skip
+    for a, b in zip(metrics(tmp_path / "accum"), metrics(tmp_path / "micro"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    assert_same_weights(weights(tmp_path / "accum"), weights(tmp_path / "micro"), 1e-5)
+
+
+def test_resume_mid_epoch_matches_uninterrupted(tiny_model, small_data, tmp_path):
+    flags = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, bf16=False)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run(common(tiny_model, small_data, full, save_strategy="steps", save_steps=3, **flags), nproc=2)
+    assert sorted(os.listdir(full / "checkpoint-3")) and os.path.isdir(full / "checkpoint-6")
+    # What a run killed after step 3 leaves behind: its complete checkpoint-3.
+    os.makedirs(resumed)
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    run(common(tiny_model, small_data, resumed, resume_from_checkpoint="latest", **flags), nproc=2)
+    steps = metrics(resumed)
+    assert [m["step"] for m in steps] == [4, 5, 6]  # 64 records / global batch 8: steps 4-6 are mid-epoch
+    for a, b in zip(metrics(full)[3:], steps, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    assert_same_weights(weights(full), weights(resumed), 1e-6)
+
+
+def test_learning_rate_follows_warmup_then_cosine(tiny_model, small_data, tmp_path):
+    total, peak = 10, 1e-3
+    run(common(tiny_model, small_data, tmp_path, max_steps=total, warmup_ratio=0.15, bf16=False,
+               per_device_train_batch_size=1, gradient_accumulation_steps=1))  # fmt: skip
+    # The independent reference: transformers' scheduler, which the original run used.
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=peak)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.15 * total), total)
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    got = [m["lr"] for m in metrics(tmp_path)]
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert got[0] == 0.0 and max(got) == pytest.approx(peak)
+
+
+def test_original_launch_line_runs(tiny_model, small_data, tmp_path):
+    out = tmp_path / "out"
+    line = f"""--model_name_or_path {tiny_model} --data_path {small_data}
+        --bf16 True --output_dir {out} --num_train_epochs 1
+        --per_device_train_batch_size 4 --per_device_eval_batch_size 4
+        --gradient_accumulation_steps 8 --evaluation_strategy no
+        --save_strategy steps --save_steps 2000 --save_total_limit 1
+        --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03
+        --lr_scheduler_type cosine --logging_steps 1
+        --fsdp full_shard_auto_wrap --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer
+        --tf32 True"""
+    args = line.split()
+    args[args.index("full_shard_auto_wrap")] = "full_shard auto_wrap"
+    run(args, nproc=2)
+    assert len(metrics(out)) == 1  # 64 records, global batch 4 x 8 x 2 = 64: one step per epoch
+    assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer.model")
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--deepspeed", "./configs/default_offload_opt_param.json"], "--cpu_offload"),
+        (["--learning_rate", "-1"], "--learning_rate must be positive"),
+        (["--bf16", "maybe"], "expected True or False"),
+        (["--lr_scheduler_type", "linear"], "invalid choice"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
+        (["--fsdp", "hybrid_shard"], "--fsdp 'hybrid_shard'"),
+        (["--evaluation_strategy", "steps"], "only 'no'"),
+        (["--no_such_flag", "1"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags_give_one_line(flags, expected, tmp_path):
+    result = run(["--output_dir", str(tmp_path), *flags], check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

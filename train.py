@@ -1,0 +1,577 @@
+"""Fine-tune LLaMA on Alpaca-format instruction data: torchrun, FSDP2, bf16, AdamW, warmup + cosine.
+
+    torchrun --nproc_per_node=N train.py --model_name_or_path DIR --data_path alpaca_data.json --output_dir out
+    python train.py ...   # one process, same flags
+
+Flag names are those of the original Stanford Alpaca launch line (Hugging Face TrainingArguments), so that
+line runs as written. Every rank holds only its FSDP shards of weights, gradients and optimizer state.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from data import epoch_steps, load_dataset, rank_micro_batches
+from model import (
+    ModelArgs,
+    Transformer,
+    add_pad_rows,
+    check_shape,
+    count_parameters,
+    document_mask,
+    flops_per_token,
+    iter_checkpoint,
+    read_args,
+    save_hf_checkpoint,
+)
+from tokenizer import Tokenizer
+
+# Dense bf16 tensor-core peaks (no sparsity), for MFU.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise ValueError(message)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = partial(p.add_argument, type=str2bool, nargs="?", const=True, metavar="BOOL")
+    g = p.add_argument
+    g("--model_name_or_path", default="sample/model", help="HF or Meta LLaMA directory (default: the sample)")
+    g("--data_path", default="sample/train.json", help="Alpaca JSON or JSON Lines")
+    g("--tokenizer_path", help="SentencePiece model (default: tokenizer.model in the model directory)")
+    g("--output_dir", default="out")
+    g("--model_max_length", type=int, default=512)
+    g("--num_train_epochs", type=float, default=3)
+    g("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs)")
+    g("--per_device_train_batch_size", type=int, default=4, help="records (padded) or rows (packed) per micro-batch")
+    g("--gradient_accumulation_steps", type=int, default=8)
+    g("--learning_rate", type=float, default=2e-5)
+    g("--weight_decay", type=float, default=0.0)
+    g("--adam_beta1", type=float, default=0.9)
+    g("--adam_beta2", type=float, default=0.999)
+    g("--adam_epsilon", type=float, default=1e-8)
+    g("--max_grad_norm", type=float, default=1.0)
+    g("--warmup_ratio", type=float, default=0.03)
+    g("--lr_scheduler_type", default="cosine", choices=["cosine"])
+    g("--seed", type=int, default=42)
+    flag("--bf16", default=True, help="bf16 compute, fp32 master weights and gradient reduction")
+    flag("--tf32", default=True, help="TF32 for the fp32 matmuls that remain (CUDA)")
+    flag("--packing", default=True, help="pack records into rows (same records per step, no padding compute)")
+    flag("--gradient_checkpointing", default=False, help="recompute each block's activations in backward")
+    flag("--cpu_offload", default=False, help="keep parameters, gradients and optimizer state in CPU memory")
+    flag("--compile", default=False, help="torch.compile each decoder block")
+    g("--logging_steps", type=int, default=1)
+    g("--save_strategy", default="steps", choices=["steps", "epoch", "no"])
+    g("--save_steps", type=int, default=2000)
+    g("--save_total_limit", type=int, default=None)
+    g("--resume_from_checkpoint", help="a checkpoint-<step> directory, or 'latest' in output_dir")
+    g("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the final export")
+    g("--dry_run", action="store_true", help="print the memory, steps and time this run would take; train nothing")
+    g("--dry_run_gpus", type=int, help="world size to plan for (default: this launch's)")
+    g("--dry_run_gpu", default="A100", help=f"GPU to plan for: one of {', '.join(GPU_PEAK_FLOPS)}")
+    g("--dry_run_gpu_memory_gb", type=float, default=80)
+    g("--dry_run_mfu", type=float, default=0.45, help="MFU assumed for the time estimate")
+    # Trainer flags of the original launch line, accepted where they change nothing here.
+    g("--fsdp", default="full_shard auto_wrap")
+    g("--fsdp_transformer_layer_cls_to_wrap", default="LlamaDecoderLayer")
+    g("--evaluation_strategy", "--eval_strategy", default="no")
+    g("--per_device_eval_batch_size", type=int, default=4)
+    g("--deepspeed", help="not supported: use --cpu_offload")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.deepspeed:
+        raise ValueError(
+            f"--deepspeed {args.deepspeed}: DeepSpeed is not used here; its CPU offload of parameters and "
+            "optimizer state is --cpu_offload True (FSDP CPU offload)"
+        )
+    fsdp = set(args.fsdp.split())
+    if not fsdp <= {"full_shard", "auto_wrap", "offload"}:
+        raise ValueError(f"--fsdp {args.fsdp!r}: only 'full_shard auto_wrap' (optionally 'offload') is supported")
+    args.cpu_offload = args.cpu_offload or "offload" in fsdp
+    if args.fsdp_transformer_layer_cls_to_wrap not in ("LlamaDecoderLayer", "Block"):
+        raise ValueError(
+            f"--fsdp_transformer_layer_cls_to_wrap {args.fsdp_transformer_layer_cls_to_wrap!r}: "
+            "each LLaMA decoder layer is always wrapped; expected LlamaDecoderLayer"
+        )
+    if args.evaluation_strategy != "no":
+        raise ValueError(f"--evaluation_strategy {args.evaluation_strategy!r}: only 'no' is supported")
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps"]
+    positive += ["save_steps"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ["learning_rate", "num_train_epochs", "adam_epsilon", "max_grad_norm"]:
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    for name in ["adam_beta1", "adam_beta2"]:
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise ValueError(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
+    if args.dry_run and args.dry_run_gpu not in GPU_PEAK_FLOPS:
+        raise ValueError(f"--dry_run_gpu {args.dry_run_gpu!r}: expected one of {', '.join(GPU_PEAK_FLOPS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed setup, model and weights
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun's environment if present, else a one-process group, so there is one code path (FSDP)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world_size, device
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the others (which then find what rank 0 cached). An error on rank 0 is raised
+    on every rank, so none is left waiting in a collective."""
+    result, error = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except (ValueError, OSError) as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ValueError(error[0])
+    return result if dist.get_rank() == 0 else fn()
+
+
+def build_model(model_args: ModelArgs, args: argparse.Namespace, device: torch.device) -> Transformer:
+    """On the meta device, sharded with FSDP2 block by block, then given (uninitialised) memory for this
+    rank's shards only."""
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
+    shard = partial(
+        fully_shard,
+        mesh=init_device_mesh(device.type, (dist.get_world_size(),)),
+        mp_policy=mp or MixedPrecisionPolicy(),
+        offload_policy=CPUOffloadPolicy() if args.cpu_offload else OffloadPolicy(),
+    )
+    for block in model.layers:
+        if args.gradient_checkpointing:
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+        if args.compile:
+            block.compile()
+        shard(block)
+    shard(model)
+    model.to_empty(device="cpu" if args.cpu_offload else device)
+    return model
+
+
+def load_weights(model: Transformer, path: str, checkpoint_args: ModelArgs) -> None:
+    """Streams the checkpoint tensor by tensor; each rank keeps only its shard of each."""
+    params = dict(model.named_parameters())
+    loaded = set()
+    for name, full in iter_checkpoint(path, checkpoint_args):
+        if name not in params:
+            raise ValueError(f"{path}: unexpected tensor {name!r} for a LLaMA model")
+        param = params[name]
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            full = add_pad_rows(full, param.shape[0])
+        check_shape(name, full, param.shape, path)
+        local = distribute_tensor(full.float(), param.device_mesh, param.placements, src_data_rank=None)
+        with torch.no_grad():
+            param.to_local().copy_(local.to_local())
+        loaded.add(name)
+    if missing := sorted(set(params) - loaded):
+        raise ValueError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+
+
+def full_tensors(model: Transformer, device: torch.device):
+    """(name, full tensor) for every parameter, all-gathered; every rank must iterate it in step."""
+    for name, param in model.named_parameters():
+        yield name, param.detach().to(device).full_tensor()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule, optimizer and one step
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup from 0, then cosine to 0, as in the
+    original run (transformers' get_cosine_schedule_with_warmup, so the first step has lr 0)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: Transformer, args: argparse.Namespace) -> torch.optim.AdamW:
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True
+    )
+
+
+def train_step(model, optimizer, micro_batches, n_supervised: int, lr: float, args, device) -> tuple[Tensor, Tensor]:
+    """Forward/backward over this rank's micro-batches, then one AdamW update. The loss of every token is
+    divided by the supervised tokens of the whole step on all ranks; FSDP averages gradients over ranks, so
+    multiply by the world size to get a plain sum. Returns (this rank's summed loss, grad norm)."""
+    scale = dist.get_world_size() / n_supervised
+    summed_loss = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        tokens = batch.input_ids.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        positions = mask = None
+        if batch.document_ids is not None:
+            positions = batch.positions.to(device, non_blocking=True)
+            mask = document_mask(batch.document_ids.to(device, non_blocking=True))
+        loss = model(tokens, positions=positions, mask=mask, labels=labels)
+        (loss * scale).backward()
+        summed_loss += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return summed_loss, grad_norm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: output_dir/checkpoint-<step>/, written aside then renamed, so a complete one is never faked
+
+
+def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first: a directory is renamed to checkpoint-<step> only once whole."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), f) for f in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", f))]
+    return [(step, os.path.join(output_dir, f)) for step, f in sorted(found)]
+
+
+def save_checkpoint(model, optimizer, step: int, args: argparse.Namespace) -> str:
+    rank = dist.get_rank()
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    partial_dir = final + ".partial"
+    if rank == 0 and os.path.exists(partial_dir):
+        shutil.rmtree(partial_dir)  # left by a run killed while writing
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial_dir)
+    torch.save(rng_state(), os.path.join(partial_dir, f"rng-{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        state = {"global_step": step, "world_size": dist.get_world_size(), "seed": args.seed}
+        with open(os.path.join(partial_dir, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial_dir, final)
+        if args.save_total_limit:
+            for _, old in checkpoint_dirs(args.output_dir)[: -args.save_total_limit]:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def resolve_resume(args: argparse.Namespace) -> str | None:
+    """'latest' means the newest complete checkpoint in output_dir, or a fresh start if there is none, so a
+    relaunch (torchrun --max-restarts) runs the same command."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(args.output_dir)
+        return found[-1][1] if found else None
+    path = args.resume_from_checkpoint
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(model, optimizer, path: str) -> int:
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    bundle = {"model": model_state, "optim": optim_state}
+    dcp.load(bundle, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+    rng_file = os.path.join(path, f"rng-{dist.get_rank()}.pt")
+    if os.path.isfile(rng_file):  # absent when resuming with more ranks than saved
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state["global_step"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of this device: a table for GPUs, a measured bf16 matmul for the CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+    n, a = 1024, torch.randn(1024, 1024, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    a @ b
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dry run: the plan on paper
+
+
+def dry_run(args, model_args: ModelArgs, dataset, world_size: int) -> None:
+    n_params = count_parameters(model_args)
+    gpus = args.dry_run_gpus or world_size
+    micro = args.per_device_train_batch_size
+    global_batch = micro * args.gradient_accumulation_steps * gpus
+    steps_per_epoch = math.ceil(len(dataset) / global_batch)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    lengths = [len(ids) for ids in dataset.ids]
+    tokens_per_epoch = sum(lengths)
+    a = model_args
+    largest_block = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim
+    largest_unsharded = max(largest_block, a.dim * a.vocab_size * 2)
+    gb = 1e9
+    param_bytes = 4 * n_params / gpus
+    grad_bytes = 4 * n_params / gpus
+    optim_bytes = 8 * n_params / gpus
+    # Accumulating without a reduce-scatter keeps each block's unsharded fp32 gradient until the last micro-step.
+    accum_bytes = 4 * n_params if args.gradient_accumulation_steps > 1 else 0
+    gathered_bytes = 2 * (2 if args.bf16 else 4) * largest_unsharded  # current + prefetched unsharded block
+    tokens_in_flight = micro * args.model_max_length
+    act = 2 if args.bf16 else 4
+    per_layer_token = act * (19 * a.dim + 4 * a.hidden_dim) + 4 * 2 * a.dim  # saved for backward, fp32 norms
+    if args.gradient_checkpointing:
+        activation_bytes = tokens_in_flight * (a.n_layers * act * a.dim + per_layer_token)
+    else:
+        activation_bytes = tokens_in_flight * a.n_layers * per_layer_token
+    logits_bytes = 2 * 4 * min(4096, tokens_in_flight) * a.vocab_size  # one chunk of fp32 logits and its grad
+    total = param_bytes + grad_bytes + optim_bytes + accum_bytes + gathered_bytes + activation_bytes + logits_bytes
+    fpt = flops_per_token(model_args, int(sum(lengths) / len(lengths)))
+    padded = args.packing is False
+    epochs = total_steps / steps_per_epoch
+    compute_tokens = tokens_per_epoch * epochs * (1.3 if padded else 1.0)
+    peak = GPU_PEAK_FLOPS[args.dry_run_gpu]
+    seconds = compute_tokens * fpt / (gpus * peak * args.dry_run_mfu)
+    lines = [
+        f"model            {n_params / 1e9:.3f} B parameters ({a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size})",
+        f"data             {len(dataset)} records, {tokens_per_epoch / 1e6:.2f} M tokens per epoch "
+        f"(mean {tokens_per_epoch / len(dataset):.0f}), {dataset.dropped} dropped",
+        f"batch            {micro} x {args.gradient_accumulation_steps} accumulation x {gpus} GPUs = {global_batch}",
+        f"steps            {total_steps} optimizer steps ({steps_per_epoch} per epoch), {warmup} warmup",
+        f"memory per GPU   params {param_bytes / gb:.1f} GB fp32 + grads {grad_bytes / gb:.1f} GB + AdamW "
+        f"{optim_bytes / gb:.1f} GB + accumulated unsharded grads {accum_bytes / gb:.1f} GB",
+        f"                 + gathered blocks {gathered_bytes / gb:.1f} GB + activations {activation_bytes / gb:.1f} GB"
+        f" + logits {logits_bytes / gb:.1f} GB = {total / gb:.1f} GB of {args.dry_run_gpu_memory_gb:.0f} GB",
+        f"compute          {fpt / 1e9:.1f} GFLOP per token x {compute_tokens / 1e6:.1f} M tokens "
+        f"({'padded: ~30% padding assumed' if padded else 'packed'})",
+        f"time (estimate)  {seconds / 3600:.2f} h on {gpus} x {args.dry_run_gpu} at {args.dry_run_mfu:.0%} MFU",
+    ]
+    if total / gb > args.dry_run_gpu_memory_gb:
+        lines.append("                 does not fit: try --gradient_checkpointing True or a smaller micro-batch")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> None:
+    rank, world_size, device = setup_distributed()
+    is_main = rank == 0
+    if device.type == "cuda" and args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dry = args.dry_run and not os.path.isdir(args.model_name_or_path)
+    checkpoint_args = ModelArgs.from_name(args.model_name_or_path) if dry else read_args(args.model_name_or_path)
+    tokenizer_path = args.tokenizer_path or os.path.join(args.model_name_or_path, "tokenizer.model")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.n_words > checkpoint_args.vocab_size:
+        raise ValueError(
+            f"{tokenizer_path}: {tokenizer.n_words} pieces, but the model's vocab_size is {checkpoint_args.vocab_size}"
+        )
+    if checkpoint_args.tie_word_embeddings:
+        raise ValueError(f"{args.model_name_or_path}: tied input/output embeddings are not supported for training")
+    model_args = ModelArgs(**vars(checkpoint_args))
+    model_args.vocab_size = max(checkpoint_args.vocab_size, tokenizer.vocab_size)
+    model_args.pad_token_id = tokenizer.pad_id
+    model_args.max_seq_len = max(model_args.max_seq_len, args.model_max_length)
+
+    dataset = rank0_first(lambda: load_dataset(args.data_path, tokenizer, args.model_max_length))
+    if args.dry_run:
+        if is_main:
+            dry_run(args, model_args, dataset, world_size)
+        return
+
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    steps_per_epoch = math.ceil(len(dataset) / global_batch)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if is_main:
+        print(
+            f"{len(dataset)} records ({dataset.dropped} dropped: no supervised token), {world_size} ranks on "
+            f"{device.type}, global batch {global_batch}, {total_steps} steps ({warmup_steps} warmup)",
+            file=sys.stderr,
+        )
+
+    torch.manual_seed(args.seed)
+    model = build_model(model_args, args, device)
+    load_weights(model, args.model_name_or_path, checkpoint_args)
+    optimizer = make_optimizer(model, args)
+    start_step = 0
+    if resume := resolve_resume(args):
+        start_step = load_checkpoint(model, optimizer, resume)
+        if is_main:
+            print(f"resumed from {resume} at step {start_step}", file=sys.stderr)
+
+    peak = peak_flops(device)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not is_main, dynamic_ncols=True)
+    plan, plan_epoch = None, -1
+    window_start, window_tokens, window_supervised, window_flops = time.perf_counter(), 0, 0, 0.0
+    model.train()
+    for step in range(start_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if epoch != plan_epoch:
+            plan, plan_epoch = epoch_steps(len(dataset), global_batch, args.seed, epoch), epoch
+        records = plan[step_in_epoch]
+        micro_batches = rank_micro_batches(
+            dataset, records, rank, world_size, args.per_device_train_batch_size, args.packing,
+            args.model_max_length, tokenizer.pad_id,
+        )  # fmt: skip
+        n_supervised = sum(dataset.n_supervised(i) for i in records)
+        lr = lr_at(step, total_steps, warmup_steps, args.learning_rate)
+        summed_loss, grad_norm = train_step(model, optimizer, micro_batches, n_supervised, lr, args, device)
+        lengths = [len(dataset.ids[i]) for i in records]
+        window_tokens += sum(lengths)
+        window_supervised += n_supervised
+        window_flops += sum(n * flops_per_token(model_args, n) for n in lengths)
+        bar.update(1)
+        done = step + 1
+        if done % args.logging_steps == 0 or done == total_steps:
+            dist.all_reduce(summed_loss)
+            loss = summed_loss.item() / n_supervised
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": done,
+                "epoch": round(step / steps_per_epoch + 1 / steps_per_epoch, 4),
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "supervised_tokens_per_s": window_supervised / elapsed,
+                "tokens_per_s": window_tokens / elapsed,
+                "mfu": window_flops / elapsed / (peak * world_size) if peak else None,
+                "peak_memory_gb": peak_memory_gb(device),
+            }
+            if is_main:
+                with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                mfu = f" mfu {record['mfu']:.1%}" if peak else ""
+                bar.write(
+                    f"step {done} epoch {record['epoch']:.2f} loss {loss:.4f} lr {lr:.3e} grad_norm "
+                    f"{record['grad_norm']:.3f} {record['supervised_tokens_per_s']:.0f} sup tok/s{mfu} "
+                    f"mem {record['peak_memory_gb']:.2f} GB"
+                )
+            window_start, window_tokens, window_supervised, window_flops = time.perf_counter(), 0, 0, 0.0
+        end_of_epoch = done % steps_per_epoch == 0
+        if (args.save_strategy == "steps" and done % args.save_steps == 0) or (
+            args.save_strategy == "epoch" and end_of_epoch
+        ):
+            save_checkpoint(model, optimizer, done, args)
+    bar.close()
+
+    tensors = full_tensors(model, device)
+    if is_main:
+        save_hf_checkpoint(args.output_dir, model_args, tensors, tokenizer_path, getattr(torch, args.save_dtype))
+        print(f"saved {args.output_dir}", file=sys.stderr)
+    else:
+        for _ in tensors:
+            pass
+
+
+def main() -> None:
+    try:
+        args = parse_args()
+        train(args)
+    except (ValueError, OSError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
