@@ -51,6 +51,22 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
+# With no --model_name_or_path: the embedded sample written by `python sample_data.py`, a tiny model trained
+# from scratch, which wants a far larger learning rate and more epochs than fine-tuning LLaMA does. Flags
+# given explicitly still win; with --model_name_or_path the defaults are the Alpaca recipe.
+SAMPLE_DEFAULTS = dict(
+    model_name_or_path="sample/model",
+    data_path="sample/train.json",
+    learning_rate=3e-3,
+    num_train_epochs=3,
+    per_device_train_batch_size=16,
+    gradient_accumulation_steps=1,
+    warmup_ratio=0.05,
+    model_max_length=256,
+    save_strategy="no",
+    logging_steps=10,
+)
+
 
 def str2bool(value: str) -> bool:
     if value.lower() in ("true", "1", "yes"):
@@ -69,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = partial(p.add_argument, type=str2bool, nargs="?", const=True, metavar="BOOL")
     g = p.add_argument
-    g("--model_name_or_path", default="sample/model", help="HF or Meta LLaMA directory (default: the sample)")
-    g("--data_path", default="sample/train.json", help="Alpaca JSON or JSON Lines")
+    g("--model_name_or_path", help="HF or Meta LLaMA directory (default: the sample, with SAMPLE_DEFAULTS)")
+    g("--data_path", help="Alpaca JSON or JSON Lines")
     g("--tokenizer_path", help="SentencePiece model (default: tokenizer.model in the model directory)")
     g("--output_dir", default="out")
     g("--model_max_length", type=int, default=512)
@@ -111,6 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--per_device_eval_batch_size", type=int, default=4)
     g("--deepspeed", help="not supported: use --cpu_offload")
     args = p.parse_args(argv)
+    if args.model_name_or_path is None:
+        p.set_defaults(**SAMPLE_DEFAULTS)
+        args = p.parse_args(argv)
+    if args.data_path is None:
+        raise ValueError("--data_path is required with --model_name_or_path")
     check_args(args)
     return args
 
