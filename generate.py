@@ -1,0 +1,386 @@
+"""Prompting a LLaMA checkpoint: the Alpaca template, a preallocated KV cache, greedy decoding or sampling
+(temperature, top-k, top-p), batches of prompts of different lengths, and the answer streamed as it is produced.
+
+    python generate.py --model_path out "Give three tips for staying healthy."
+    python generate.py --model_path out --prompts prompts.txt --output_format jsonl > answers.jsonl
+
+As a library: `generate(model, tokenizer, prompts)` takes prompt texts that are already formatted (see
+`data.format_prompt`) and returns the answers; `generate_ids` does the same on token ids.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import partial
+from typing import NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from data import format_prompt
+from model import Transformer, load_model, read_args
+from tokenizer import Tokenizer
+
+DEFAULT_MODEL_PATH = "out"  # where train.py writes its final model by default
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator) -> Tensor:
+    """The next token (B,) from last-position logits (B, vocab): the argmax at temperature 0, else a draw from
+    the softmax at that temperature, cut to the top_k most likely tokens (0: no cut) and then to the nucleus,
+    the fewest most likely tokens whose probability reaches top_p (1: no cut)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the more likely tokens before it already reach top_p; the most likely always stays.
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_prompt_lengths(prompt_ids: list[list[int]], max_seq_len: int) -> None:
+    """Refuses prompts that leave no room for an answer in the model's context. Cutting them to fit would drop
+    the start of an Alpaca prompt, which holds the template and the instruction, so the answer would be noise."""
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= max_seq_len:
+            raise ValueError(
+                f"prompt {i + 1} is {len(ids)} tokens long, but the model's context is {max_seq_len} tokens "
+                "and the answer needs at least one: shorten the prompt"
+            )
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Transformer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+) -> list[list[int]]:
+    """Answers to a batch of prompts (token ids, BOS included) as token ids, EOS left out.
+
+    Each answer stops at EOS, after max_new_tokens, or when prompt + answer fill the model's context.
+    on_token, if given, is called after every step with the token each row just produced (EOS again for a
+    row that has finished). The same seed gives the same answers for the same batch.
+    """
+    check_prompt_lengths(prompt_ids, model.args.max_seq_len)
+    device = model.embed_tokens.weight.device
+    batch_size, prompt_len = len(prompt_ids), max(len(ids) for ids in prompt_ids)
+    lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)
+    max_answer_lens = (model.args.max_seq_len - lengths).clamp(max=max_new_tokens)
+    steps = int(max_answer_lens.max())
+    if steps <= 0:
+        return [[] for _ in prompt_ids]
+
+    # Left padding ends every prompt at cache slot prompt_len - 1, so all rows write each new token to the same
+    # slot. Padding is masked out and never read, so any id the embedding has will do: 0.
+    tokens = torch.tensor([[0] * (prompt_len - len(ids)) + ids for ids in prompt_ids], device=device)
+    slots = torch.arange(prompt_len + steps, device=device)
+    first_real_slot = (prompt_len - lengths)[:, None]
+    is_real = slots >= first_real_slot  # (B, slots): False on each row's padding
+    positions = (slots - first_real_slot).clamp(min=0)  # RoPE positions count from each row's first real token
+    causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
+    # A padding query may attend to itself: a query that may attend to nothing gives NaN, which the cache keeps.
+    diagonal = torch.eye(prompt_len, dtype=torch.bool, device=device)
+    prefill_mask = (causal & is_real[:, None, :prompt_len]) | diagonal
+
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    answers = torch.empty(batch_size, steps, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    model.setup_cache(batch_size, prompt_len + steps)
+    try:
+        logits = model(tokens, positions[:, :prompt_len], prefill_mask[:, None], slots[:prompt_len])
+        for step in range(steps):
+            next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)
+            next_token = next_token.masked_fill(finished, eos_id)
+            answers[:, step] = next_token
+            finished |= (next_token == eos_id) | (step + 1 >= max_answer_lens)
+            if on_token is not None:
+                on_token(next_token.tolist())
+            if step + 1 == steps or finished.all():
+                break
+            slot = prompt_len + step
+            logits = model(
+                next_token[:, None],
+                positions[:, slot : slot + 1],
+                is_real[:, None, None, : slot + 1],
+                slots[slot : slot + 1],
+            )
+    finally:
+        model.clear_cache()
+    rows = answers[:, : step + 1].tolist()
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def use_cpu_decoding_layout(model: Transformer) -> None:
+    """Stores every linear weight transposed in memory: the same values and shape, column-major strides.
+    Decoding one row multiplies a vector by each weight in turn, which is memory-bound, and on the CPU MKL's
+    matrix-vector product streams the transposed layout about 1.5x faster (measured in BENCHMARKS.md). cuBLAS
+    reads either layout at full speed, so CUDA needs no change."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.stride(0) != 1:
+            module.weight.data = module.weight.data.t().contiguous().t()
+
+
+class TextStream:
+    """Decodes one answer token by token into text that is safe to print as it comes: a character that
+    byte-fallback pieces spell over several tokens is held back until its last byte has arrived."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0  # characters of the decoded answer already handed out
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        # Incomplete UTF-8 at the end decodes to U+FFFD for now; everything before it is final.
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        new_text = text[self.shown :]
+        self.shown += len(new_text)
+        return new_text
+
+    def finish(self) -> str:
+        """What is left, including any bytes that never became a character."""
+        return self.tokenizer.decode(self.ids)[self.shown :]
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[str]:
+    """Answers to formatted prompt texts, run as one batch (see generate_ids). on_text, if given, receives
+    (prompt index, new text) as each answer grows."""
+    streams = [TextStream(tokenizer) for _ in prompts]
+
+    def stream_tokens(tokens: list[int]) -> None:
+        for i, token in enumerate(tokens):
+            if new_text := streams[i].add(token):
+                on_text(i, new_text)
+
+    prompt_ids = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
+    answer_ids = generate_ids(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        tokenizer.eos_id,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        on_token=stream_tokens if on_text is not None else None,
+    )
+    if on_text is not None:
+        for i, stream in enumerate(streams):
+            if rest := stream.finish():
+                on_text(i, rest)
+    return [tokenizer.decode(ids) for ids in answer_ids]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def read_prompts(path: str) -> list[tuple[str, str]]:
+    """(instruction, input) pairs from a file, or stdin for "-": Alpaca JSON (a list of records with
+    `instruction` and optional `input`) if the text starts with '[', else one prompt per non-blank line."""
+    if path == "-":
+        raw, path = sys.stdin.buffer.read(), "<stdin>"
+    else:
+        with open(path, "rb") as f:
+            raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.lstrip().startswith("["):
+        return [(line, "") for line in text.splitlines() if line.strip()]
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:  # reading it as lines instead would be a silently wrong run
+        raise ValueError(f"{path}: starts with '[' but is not valid JSON ({e})") from None
+    prompts = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {i}: expected an object, got {type(record).__name__}")
+        instruction, input = record.get("instruction"), record.get("input", "")
+        if not isinstance(instruction, str) or not isinstance(input, str):
+            raise ValueError(f"{path}: record {i}: expected string fields 'instruction' and (optional) 'input'")
+        prompts.append((instruction, input))
+    return prompts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Answer instructions with an Alpaca-tuned LLaMA. A prompt is wrapped in the Alpaca template "
+        "(the one with an input section if --input is given), and only the answer is printed, streamed as it "
+        "is produced, up to EOS or --max_new_tokens. A prompt that leaves no room for an answer in the model's "
+        "context (max_position_embeddings) is an error, not cut; a shorter room shortens the answer.",
+    )
+    parser.add_argument("prompt", nargs="?", help="the instruction (or, with --raw, the whole prompt)")
+    parser.add_argument(
+        "--model_path",
+        help=f"Hugging Face or Meta LLaMA directory (default: ./{DEFAULT_MODEL_PATH}, where train.py exports)",
+    )
+    parser.add_argument("--tokenizer", help="SentencePiece model (default: MODEL_PATH/tokenizer.model)")
+    parser.add_argument("--input", help="the input (context) that goes with the instruction")
+    parser.add_argument("--raw", action="store_true", help="use the prompts as they are, without the template")
+    parser.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts from FILE ('-': stdin), run in batches: Alpaca JSON (a list of records with instruction "
+        "and optional input; detected by the leading '[') or one prompt per line",
+    )
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default: 8)")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="answer length limit (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default: 0.7)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling, in (0, 1] (default: 0.9)")
+    parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely (default: 0, all)")
+    parser.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    parser.add_argument(
+        "--output_format",
+        choices=["text", "jsonl"],
+        default="text",
+        help="text: the answers, a blank line between them (streamed when a batch holds one prompt). "
+        "jsonl: one {prompt, input, answer} object per line (default: text)",
+    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weights and compute (default: bfloat16 on cuda, float32 on cpu)",
+    )
+
+    def fail(message: str) -> NoReturn:  # one line, like every other user error, instead of usage + error
+        sys.exit(f"error: {message}")
+
+    parser.error = fail
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.prompts is None):
+        fail("give one prompt, or --prompts FILE (or - for stdin)")
+    if args.prompts is not None and args.input is not None:
+        fail("--input goes with a single prompt; give inputs in Alpaca JSON records with --prompts")
+    if args.raw and args.input is not None:
+        fail("--raw uses the prompt as it is, so there is no template to put --input in")
+    if not args.temperature >= 0:
+        fail(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        fail(f"--top_p must be in (0, 1], got {args.top_p}")
+    for flag in ("top_k", "max_new_tokens", "batch_size"):
+        lowest = 0 if flag == "top_k" else 1
+        if getattr(args, flag) < lowest:
+            fail(f"--{flag} must be >= {lowest}, got {getattr(args, flag)}")
+    if args.model_path is None:
+        if not os.path.isdir(DEFAULT_MODEL_PATH):
+            fail(f"no model in ./{DEFAULT_MODEL_PATH} (where train.py exports): pass --model_path DIR")
+        args.model_path = DEFAULT_MODEL_PATH
+    return args
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: no CUDA device is available")
+    return device
+
+
+def print_stream(stream: TextStream, tokens: list[int]) -> None:
+    print(stream.add(tokens[0]), end="", flush=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no prompts")
+    else:
+        prompts = [(args.prompt, args.input or "")]
+    if args.raw:
+        if any(input for _, input in prompts):
+            raise ValueError(f"{args.prompts}: --raw takes no inputs, but a record has one")
+        texts = [instruction for instruction, _ in prompts]
+    else:
+        texts = [format_prompt(instruction, input) for instruction, input in prompts]
+
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model_args = read_args(args.model_path)  # a bad directory or tokenizer fails fast, before the slow load
+    tokenizer = Tokenizer(args.tokenizer or os.path.join(args.model_path, "tokenizer.model"))
+    if tokenizer.n_words > model_args.vocab_size:
+        raise ValueError(
+            f"{tokenizer.model_path} has {tokenizer.n_words} pieces but the model in {args.model_path} only "
+            f"{model_args.vocab_size} embedding rows: wrong tokenizer?"
+        )
+    prompt_ids = [tokenizer.encode(text, bos=True) for text in texts]
+    check_prompt_lengths(prompt_ids, model_args.max_seq_len)  # all of them, before the first batch runs
+    model = load_model(args.model_path, dtype=dtype, device=device)
+    if device.type == "cpu":
+        use_cpu_decoding_layout(model)
+
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompt_ids[start : start + args.batch_size]
+        streaming = len(batch) == 1 and args.output_format == "text"
+        stream = TextStream(tokenizer)
+        answer_ids = generate_ids(
+            model,
+            batch,
+            args.max_new_tokens,
+            tokenizer.eos_id,
+            args.temperature,
+            args.top_p,
+            args.top_k,
+            args.seed,
+            on_token=partial(print_stream, stream) if streaming else None,
+        )
+        for i, ids in enumerate(answer_ids):
+            index = start + i
+            if args.output_format == "jsonl":
+                instruction, input = prompts[index]
+                record = {"prompt": instruction, "input": input, "answer": tokenizer.decode(ids)}
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                text = stream.finish() if streaming else tokenizer.decode(ids)
+                print(text, end="\n" if index == len(prompts) - 1 else "\n\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""generate.py: greedy decoding against transformers' generate, batching, the context limit, sampling, streaming
+text and the command line."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import generate
+from data import format_prompt
+from generate import TextStream, generate_ids, sample, use_cpu_decoding_layout
+from model import load_model
+from tokenizer import Tokenizer
+
+MAX_SEQ_LEN = 128
+PROMPTS = [
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Rewrite the following sentence in the passive voice, and explain what changed: The cat chased the mouse.",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_model):
+    """A tiny random LLaMA saved by transformers, with the real LLaMA tokenizer beside it."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in the larger LLaMAs
+        vocab_size=32000,
+        max_position_embeddings=MAX_SEQ_LEN,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    shutil.copyfile(tokenizer_model, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_model):
+    return Tokenizer(str(tokenizer_model))
+
+
+def encode_all(tokenizer, prompts):
+    return [tokenizer.encode(format_prompt(p), bos=True) for p in prompts]
+
+
+@pytest.mark.parametrize("layout", ["as loaded", "cpu decoding layout"])
+def test_greedy_matches_transformers(model_dir, tokenizer, layout):
+    reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_model(str(model_dir))
+    if layout == "cpu decoding layout":  # what the command line does on the CPU
+        use_cpu_decoding_layout(model)
+        assert all(m.weight.stride(0) == 1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    prompt_ids = encode_all(tokenizer, PROMPTS)
+    ours = generate_ids(model, prompt_ids, 64, tokenizer.eos_id)  # one batch, left-padded
+    for ids, answer in zip(prompt_ids, ours, strict=True):
+        with torch.inference_mode():
+            out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64, pad_token_id=0)
+        expected = out[0, len(ids) :].tolist()
+        # Neither side may stop early at EOS, or the comparison would be shorter than it claims.
+        assert len(expected) == len(answer) == 64
+        assert answer == expected
+
+
+def test_batch_matches_one_by_one(model, tokenizer):
+    prompt_ids = [tokenizer.encode(p, bos=True) for p in ["Hi", PROMPTS[0], format_prompt(PROMPTS[2])]]
+    assert len({len(ids) for ids in prompt_ids}) == 3
+    singles = [generate_ids(model, [ids], 24, tokenizer.eos_id)[0] for ids in prompt_ids]
+    assert generate_ids(model, prompt_ids, 24, tokenizer.eos_id) == singles
+    # A row that stops early (here: at a token it produces, taken as EOS) must not change the others.
+    eos = singles[1][5]
+    singles = [generate_ids(model, [ids], 24, eos)[0] for ids in prompt_ids]
+    assert len(singles[1]) <= 5
+    assert generate_ids(model, prompt_ids, 24, eos) == singles
+
+
+def test_context_limit(model, tokenizer):
+    long_prompt = [tokenizer.bos_id] + list(range(1000, 1000 + MAX_SEQ_LEN - 6))  # room for 5 new tokens
+    short_prompt = tokenizer.encode("Hi", bos=True)
+    alone = generate_ids(model, [short_prompt], 20, tokenizer.eos_id)[0]
+    long_answer, short_answer = generate_ids(model, [long_prompt, short_prompt], 20, tokenizer.eos_id)
+    assert len(long_answer) == 5  # prompt + answer == max_seq_len, not more
+    assert short_answer == alone and len(alone) == 20  # a long neighbour does not shorten the others
+    assert len(generate_ids(model, [long_prompt + [7] * 4], 20, tokenizer.eos_id)[0]) == 1
+    with pytest.raises(ValueError, match="prompt 2 is 128 tokens long"):
+        generate_ids(model, [short_prompt, long_prompt + [7] * 5], 20, tokenizer.eos_id)
+
+
+def test_sampling_repeats_with_a_seed(model, tokenizer):
+    prompt_ids = encode_all(tokenizer, PROMPTS)
+    settings = dict(max_new_tokens=16, eos_id=tokenizer.eos_id, temperature=1.0, top_p=0.95, top_k=50)
+    first = generate_ids(model, prompt_ids, seed=123, **settings)
+    assert generate_ids(model, prompt_ids, seed=123, **settings) == first
+    assert generate_ids(model, prompt_ids, seed=124, **settings) != first
+
+
+def record_last_logits(model):
+    """Collects the last-position logits of every forward pass; returns the list and the hook's handle."""
+    steps = []
+    handle = model.register_forward_hook(lambda module, args, logits: steps.append(logits[:, -1].float()))
+    return steps, handle
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_top_k_draws_only_among_the_k_most_likely(model, tokenizer, temperature):
+    steps, handle = record_last_logits(model)
+    try:
+        answers = generate_ids(
+            model, encode_all(tokenizer, PROMPTS), 40, tokenizer.eos_id, temperature=temperature, top_k=5, seed=0
+        )
+    finally:
+        handle.remove()
+    ranks = []
+    for row, answer in enumerate(answers):
+        for step, token in enumerate(answer):
+            logits = steps[step][row]
+            ranks.append(int((logits > logits[token]).sum()))  # how many tokens are more likely
+    assert max(ranks) < 5
+    assert len(set(ranks)) > 1  # really sampled, not the argmax every time
+
+
+def test_top_p_draws_only_from_the_nucleus(model, tokenizer):
+    top_p, temperature = 0.6, 0.002  # sharp enough for nuclei of a few tokens on this near-uniform model
+    steps, handle = record_last_logits(model)
+    try:
+        answers = generate_ids(
+            model, encode_all(tokenizer, PROMPTS), 40, tokenizer.eos_id, temperature=temperature, top_p=top_p, seed=0
+        )
+    finally:
+        handle.remove()
+    ranks, nucleus_sizes = [], []
+    for row, answer in enumerate(answers):
+        for step, token in enumerate(answer):
+            probs = torch.softmax(steps[step][row].double() / temperature, dim=-1)
+            sorted_probs = probs.sort(descending=True).values
+            nucleus_sizes.append(int((sorted_probs.cumsum(0) < top_p).sum()) + 1)
+            ranks.append(int((probs > probs[token]).sum()))
+            assert ranks[-1] < nucleus_sizes[-1]
+    assert len(set(ranks)) > 1 and max(nucleus_sizes) < 100  # a real test: sampled, and a small nucleus
+
+
+def test_sample_follows_the_distribution():
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0])
+    draws = 40_000
+    generator = torch.Generator().manual_seed(0)
+
+    def frequencies(**settings):
+        tokens = sample(logits.expand(draws, -1), generator=generator, **settings)
+        return torch.bincount(tokens, minlength=len(logits)).double() / draws
+
+    probs = torch.softmax(logits.double(), dim=0)
+    torch.testing.assert_close(frequencies(temperature=1.0, top_p=1.0, top_k=0), probs, atol=0.01, rtol=0)
+    cold = torch.softmax(logits.double() / 0.5, dim=0)
+    torch.testing.assert_close(frequencies(temperature=0.5, top_p=1.0, top_k=0), cold, atol=0.01, rtol=0)
+    top3 = torch.cat([probs[:3] / probs[:3].sum(), torch.zeros(4, dtype=torch.double)])
+    torch.testing.assert_close(frequencies(temperature=1.0, top_p=1.0, top_k=3), top3, atol=0.01, rtol=0)
+    # The nucleus for 0.7: the first two hold 0.62, so the third (reaching 0.77) is the last one in.
+    assert probs[:2].sum() < 0.7 < probs[:3].sum()
+    torch.testing.assert_close(frequencies(temperature=1.0, top_p=0.7, top_k=0), top3, atol=0.01, rtol=0)
+    greedy = sample(logits.expand(4, -1), temperature=0.0, top_p=1.0, top_k=0, generator=generator)
+    assert greedy.tolist() == [0, 0, 0, 0]
+
+
+def test_text_stream_never_shows_half_a_character(tokenizer):
+    text = "Grüße, 世界! 🙂🎉 done"
+    ids = tokenizer.encode(text)
+    assert any(tokenizer.sp.IsByte(i) for i in ids)  # the emoji are spelled in byte-fallback pieces
+    stream = TextStream(tokenizer)
+    pieces = [stream.add(i) for i in ids] + [stream.add(tokenizer.eos_id)]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + stream.finish() == text
+    # Bytes that never complete a character are shown at the end, as decode shows them.
+    stream = TextStream(tokenizer)
+    cut = ids[: ids.index(next(i for i in ids if tokenizer.sp.IsByte(i))) + 1]
+    assert "".join(stream.add(i) for i in cut) + stream.finish() == tokenizer.decode(cut)
+
+
+def test_generate_returns_and_streams_the_answers(model, tokenizer):
+    prompts = [format_prompt(p) for p in PROMPTS]
+    answers = generate.generate(model, tokenizer, prompts, max_new_tokens=32)
+    expected = generate_ids(model, [tokenizer.encode(p, bos=True) for p in prompts], 32, tokenizer.eos_id)
+    assert answers == [tokenizer.decode(ids) for ids in expected]
+    streamed = ["" for _ in prompts]
+
+    def on_text(i, text):
+        streamed[i] += text
+
+    assert generate.generate(model, tokenizer, prompts, max_new_tokens=32, on_text=on_text) == answers
+    assert streamed == answers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+class Writes(io.StringIO):
+    """A stdout that remembers each write, to see that the answer came out piece by piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.chunks = []
+
+    def write(self, text):
+        if text:
+            self.chunks.append(text)
+        return super().write(text)
+
+
+def run_cli(monkeypatch, args, stdin=""):
+    out = Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+    generate.main(args)
+    return out
+
+
+def answer(model, tokenizer, prompt, max_new_tokens=40):
+    return generate.generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
+
+
+def test_cli_streams_only_the_answer(monkeypatch, model_dir, model, tokenizer):
+    out = run_cli(
+        monkeypatch, ["--model_path", str(model_dir), "--temperature", "0", "--max_new_tokens", "40"] + PROMPTS[:1]
+    )
+    expected = answer(model, tokenizer, format_prompt(PROMPTS[0]))
+    assert out.getvalue() == expected + "\n"
+    assert len(out.chunks) > 10  # streamed token by token, not printed at the end
+
+
+def test_cli_input_and_raw(monkeypatch, model_dir, model, tokenizer):
+    common = ["--model_path", str(model_dir), "--temperature", "0", "--max_new_tokens", "40"]
+    out = run_cli(monkeypatch, common + ["Summarize this.", "--input", "Cats chase mice."])
+    assert out.getvalue() == answer(model, tokenizer, format_prompt("Summarize this.", "Cats chase mice.")) + "\n"
+    out = run_cli(monkeypatch, common + ["--raw", "Once upon a time"])
+    assert out.getvalue() == answer(model, tokenizer, "Once upon a time") + "\n"
+
+
+def test_cli_prompts_from_file_and_stdin(monkeypatch, tmp_path, model_dir, model, tokenizer):
+    common = ["--model_path", str(model_dir), "--temperature", "0", "--max_new_tokens", "40", "--batch_size", "2"]
+    expected = [answer(model, tokenizer, format_prompt(p)) for p in PROMPTS]
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("\n".join(PROMPTS) + "\n\n")
+    out = run_cli(monkeypatch, common + ["--prompts", str(lines)])
+    assert out.getvalue() == "\n\n".join(expected) + "\n"
+
+    out = run_cli(monkeypatch, common + ["--prompts", "-", "--output_format", "jsonl"], stdin="\n".join(PROMPTS))
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert records == [{"prompt": p, "input": "", "answer": a} for p, a in zip(PROMPTS, expected, strict=True)]
+
+    alpaca = [
+        {"instruction": "Summarize this.", "input": "Cats chase mice.", "output": "ignored"},
+        {"instruction": PROMPTS[1]},
+    ]
+    records_file = tmp_path / "prompts.json"
+    records_file.write_text(json.dumps(alpaca))
+    out = run_cli(monkeypatch, common + ["--prompts", str(records_file), "--output_format", "jsonl"])
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["answer"] for r in records] == [
+        answer(model, tokenizer, format_prompt("Summarize this.", "Cats chase mice.")),
+        answer(model, tokenizer, format_prompt(PROMPTS[1])),
+    ]
+    assert records[0]["input"] == "Cats chase mice."
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model_path", "{tmp}/missing", "Hi"], "{tmp}/missing: checkpoint directory not found"),
+        (["--prompts", "{tmp}/missing.txt"], "missing.txt"),
+        (["--temperature", "-1", "Hi"], "--temperature must be >= 0, got -1.0"),
+        (["--top_p", "0", "Hi"], "--top_p must be in (0, 1], got 0.0"),
+        (["--top_p", "1.5", "Hi"], "--top_p must be in (0, 1], got 1.5"),
+        (["--top_k", "-2", "Hi"], "--top_k must be >= 0"),
+        (["--max_new_tokens", "0", "Hi"], "--max_new_tokens must be >= 1"),
+        (["--prompts", "{tmp}/bad.json"], "bad.json: starts with '[' but is not valid JSON"),
+        (["--prompts", "{tmp}/no_instruction.json"], "no_instruction.json: record 1: expected string fields"),
+        (["--prompts", "{tmp}/empty.txt"], "empty.txt: no prompts"),
+        (["--raw", "--input", "x", "Hi"], "--raw uses the prompt as it is"),
+        ([], "give one prompt, or --prompts FILE"),
+        (["--output_format", "xml", "Hi"], "invalid choice: 'xml'"),
+        (["--device", "tpu", "Hi"], "--device 'tpu': expected cpu, cuda or cuda:N"),
+        (["--raw", " ".join(["word"] * MAX_SEQ_LEN)], "prompt 1 is 129 tokens long, but the model's context is 128"),
+        (["--tokenizer", "{tmp}/bad.json", "Hi"], "bad.json: not a SentencePiece model"),
+    ],
+)
+def test_cli_bad_input_is_one_line(monkeypatch, capsys, tmp_path, model_dir, args, message):
+    (tmp_path / "bad.json").write_text('[{"instruction": "a"},')
+    (tmp_path / "no_instruction.json").write_text('[{"instruction": "a"}, {"input": "b"}]')
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--model_path" not in args:
+        args = ["--model_path", str(model_dir)] + args
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(monkeypatch, args)
+    assert exit_info.value.code not in (0, None)
+    error = str(exit_info.value.code)  # sys.exit("error: ...") prints this, alone, to stderr
+    assert error.startswith("error: ") and "\n" not in error
+    assert message.replace("{tmp}", str(tmp_path)) in error
+
+
+def test_cli_default_model_path(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: no model in \./out .*pass --model_path DIR$"):
+        generate.main(["Hi"])
+
+
+def test_cli_end_to_end_in_a_process(model_dir, model, tokenizer):
+    """The real entry point: stdin, stdout and stderr of a separate process, and no traceback on bad input."""
+    command = [sys.executable, str(generate.__file__), "--model_path", str(model_dir), "--max_new_tokens", "20"]
+    done = subprocess.run(
+        command + ["--temperature", "0", "--prompts", "-"], input="\n".join(PROMPTS[:2]), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    expected = [answer(model, tokenizer, format_prompt(p), max_new_tokens=20) for p in PROMPTS[:2]]
+    assert done.stdout == "\n\n".join(expected) + "\n"
+    done = subprocess.run(command + ["--temperature", "-1", "Hi"], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == "error: --temperature must be >= 0, got -1.0\n"
+    done = subprocess.run(command + ["--prompts", "/nonexistent/prompts.txt"], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
