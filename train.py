@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import epoch_steps, load_dataset, rank_micro_batches
+from data import Batch, epoch_steps, load_dataset, rank_micro_batches
 from model import (
     ModelArgs,
     Transformer,
@@ -243,7 +243,9 @@ def load_weights(model: Transformer, path: str, checkpoint_args: ModelArgs) -> N
         if name in ("embed_tokens.weight", "lm_head.weight"):
             full = add_pad_rows(full, param.shape[0])
         check_shape(name, full, param.shape, path)
-        local = distribute_tensor(full.float(), param.device_mesh, param.placements, src_data_rank=None)
+        local = distribute_tensor(
+            full.to(param.device, torch.float32), param.device_mesh, param.placements, src_data_rank=None
+        )
         with torch.no_grad():
             param.to_local().copy_(local.to_local())
         loaded.add(name)
@@ -279,21 +281,27 @@ def make_optimizer(model: Transformer, args: argparse.Namespace) -> torch.optim.
     )
 
 
+def model_inputs(batch: Batch, device: torch.device) -> dict[str, Tensor | None]:
+    move = lambda t: (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)  # noqa: E731
+    kwargs = {"tokens": move(batch.input_ids), "labels": move(batch.labels), "positions": None, "mask": None}
+    if batch.document_ids is not None:  # packed rows: positions restart and attention stops at each document
+        kwargs["positions"] = move(batch.positions)
+        kwargs["mask"] = document_mask(move(batch.document_ids))
+    return kwargs
+
+
 def train_step(model, optimizer, micro_batches, n_supervised: int, lr: float, args, device) -> tuple[Tensor, Tensor]:
     """Forward/backward over this rank's micro-batches, then one AdamW update. The loss of every token is
     divided by the supervised tokens of the whole step on all ranks; FSDP averages gradients over ranks, so
     multiply by the world size to get a plain sum. Returns (this rank's summed loss, grad norm)."""
     scale = dist.get_world_size() / n_supervised
     summed_loss = torch.zeros((), device=device)
-    for i, batch in enumerate(micro_batches):
-        model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        tokens = batch.input_ids.to(device, non_blocking=True)
-        labels = batch.labels.to(device, non_blocking=True)
-        positions = mask = None
-        if batch.document_ids is not None:
-            positions = batch.positions.to(device, non_blocking=True)
-            mask = document_mask(batch.document_ids.to(device, non_blocking=True))
-        loss = model(tokens, positions=positions, mask=mask, labels=labels)
+    # Every input goes to the device before any compute is queued: a copy issued between micro-steps would
+    # wait for the GPU to drain and leave it idle while the next forward is being launched.
+    inputs = [model_inputs(batch, device) for batch in micro_batches]
+    for i, kwargs in enumerate(inputs):
+        model.set_requires_gradient_sync(i == len(inputs) - 1)
+        loss = model(**kwargs)
         (loss * scale).backward()
         summed_loss += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -470,9 +478,11 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int) -> None:
 def train(args: argparse.Namespace) -> None:
     rank, world_size, device = setup_distributed()
     is_main = rank == 0
-    if device.type == "cuda" and args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+        # cuDNN attention plans anew for every sequence length (~30 ms of CPU per call, measured on H100), and
+        # packed or padded micro-batches change length every time: flash/efficient attention do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     dry = args.dry_run and not os.path.isdir(args.model_name_or_path)
     checkpoint_args = ModelArgs.from_name(args.model_name_or_path) if dry else read_args(args.model_name_or_path)
     tokenizer_path = args.tokenizer_path or os.path.join(args.model_name_or_path, "tokenizer.model")
