@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import Batch, epoch_steps, load_dataset, rank_micro_batches
+from data import Batch, epoch_steps, load_dataset, padding_fraction, rank_micro_batches
 from model import (
     ModelArgs,
     Transformer,
@@ -117,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the final export")
     g("--dry_run", action="store_true", help="print the memory, steps and time this run would take; train nothing")
     g("--dry_run_gpus", type=int, help="world size to plan for (default: this launch's)")
-    g("--dry_run_gpu", default="A100", help=f"GPU to plan for: one of {', '.join(GPU_PEAK_FLOPS)}")
+    g("--dry_run_gpu", default="A100", help=f"device to plan for: cpu or one of {', '.join(GPU_PEAK_FLOPS)}")
+    g("--dry_run_records", type=int, help="plan for this many records with the data's length distribution")
     g("--dry_run_gpu_memory_gb", type=float, default=80)
     g("--dry_run_mfu", type=float, default=0.45, help="MFU assumed for the time estimate")
     # Trainer flags of the original launch line, accepted where they change nothing here.
@@ -170,7 +171,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
-    if args.dry_run and args.dry_run_gpu not in GPU_PEAK_FLOPS:
+    if args.dry_run and args.dry_run_gpu not in [*GPU_PEAK_FLOPS, "cpu"]:
         raise ValueError(f"--dry_run_gpu {args.dry_run_gpu!r}: expected one of {', '.join(GPU_PEAK_FLOPS)}")
 
 
@@ -418,58 +419,59 @@ def peak_memory_gb(device: torch.device) -> float:
 # Dry run: the plan on paper
 
 
-def dry_run(args, model_args: ModelArgs, dataset, world_size: int) -> None:
-    n_params = count_parameters(model_args)
-    gpus = args.dry_run_gpus or world_size
-    micro = args.per_device_train_batch_size
-    global_batch = micro * args.gradient_accumulation_steps * gpus
-    steps_per_epoch = math.ceil(len(dataset) / global_batch)
+def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) -> None:
+    """Memory per rank, steps and time of this run, from the config and the tokenized data alone."""
+    a, gb = model_args, 1e9
+    n_params = count_parameters(a)
+    ranks = args.dry_run_gpus or world_size
+    micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    global_batch = micro * accumulation * ranks
+    records = args.dry_run_records or len(dataset)
+    steps_per_epoch = math.ceil(records / global_batch)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    warmup = math.ceil(args.warmup_ratio * total_steps)
     lengths = [len(ids) for ids in dataset.ids]
-    tokens_per_epoch = sum(lengths)
-    a = model_args
-    largest_block = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim
-    largest_unsharded = max(largest_block, a.dim * a.vocab_size * 2)
-    gb = 1e9
-    param_bytes = 4 * n_params / gpus
-    grad_bytes = 4 * n_params / gpus
-    optim_bytes = 8 * n_params / gpus
-    # Accumulating without a reduce-scatter keeps each block's unsharded fp32 gradient until the last micro-step.
-    accum_bytes = 4 * n_params if args.gradient_accumulation_steps > 1 else 0
-    gathered_bytes = 2 * (2 if args.bf16 else 4) * largest_unsharded  # current + prefetched unsharded block
-    tokens_in_flight = micro * args.model_max_length
+    scale = records / len(dataset)  # --dry_run_records: the same length distribution, more records
+    tokens_per_epoch = sum(lengths) * scale
+    flops_per_epoch = sum(n * flops_per_token(a, n) for n in lengths) * scale
+    padding = padding_fraction(dataset, global_batch, micro, args.packing, args.model_max_length, pad_id, args.seed)
+
+    # FSDP keeps 1/ranks of the fp32 weights, gradients and both AdamW moments on each rank; accumulating
+    # without a reduce-scatter adds each block's unsharded fp32 gradient until the last micro-step.
+    sharded = 16 * n_params / ranks
+    accumulated = 4 * n_params if accumulation > 1 else 0
     act = 2 if args.bf16 else 4
-    per_layer_token = act * (19 * a.dim + 4 * a.hidden_dim) + 4 * 2 * a.dim  # saved for backward, fp32 norms
-    if args.gradient_checkpointing:
-        activation_bytes = tokens_in_flight * (a.n_layers * act * a.dim + per_layer_token)
-    else:
-        activation_bytes = tokens_in_flight * a.n_layers * per_layer_token
-    logits_bytes = 2 * 4 * min(4096, tokens_in_flight) * a.vocab_size  # one chunk of fp32 logits and its grad
-    total = param_bytes + grad_bytes + optim_bytes + accum_bytes + gathered_bytes + activation_bytes + logits_bytes
-    fpt = flops_per_token(model_args, int(sum(lengths) / len(lengths)))
-    padded = args.packing is False
+    block = a.dim * a.head_dim * 2 * (a.n_heads + a.n_kv_heads) + 3 * a.dim * a.hidden_dim
+    gathered = 2 * act * max(block, 2 * a.dim * a.vocab_size)  # the unsharded block in use and the prefetched one
+    tokens = micro * args.model_max_length
+    # Saved for backward per token and layer: norms in fp32, q/k/v/attention/o and the SwiGLU intermediates.
+    per_layer = act * (19 * a.dim + 4 * a.hidden_dim) + 8 * a.dim
+    layers_kept = 1 if args.gradient_checkpointing else a.n_layers
+    activations = tokens * (layers_kept * per_layer + a.n_layers * act * a.dim * args.gradient_checkpointing)
+    logits = 2 * 4 * min(4096, tokens) * a.vocab_size  # one chunk of fp32 logits and its gradient
+    on_cpu = args.dry_run_gpu == "cpu"
+    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if on_cpu else 0  # python + torch
+    total = sharded + accumulated + gathered + activations + logits + runtime
+    peak = peak_flops(torch.device("cpu")) if on_cpu else GPU_PEAK_FLOPS[args.dry_run_gpu]
     epochs = total_steps / steps_per_epoch
-    compute_tokens = tokens_per_epoch * epochs * (1.3 if padded else 1.0)
-    peak = GPU_PEAK_FLOPS[args.dry_run_gpu]
-    seconds = compute_tokens * fpt / (gpus * peak * args.dry_run_mfu)
-    lines = [
-        f"model            {n_params / 1e9:.3f} B parameters ({a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size})",
-        f"data             {len(dataset)} records, {tokens_per_epoch / 1e6:.2f} M tokens per epoch "
-        f"(mean {tokens_per_epoch / len(dataset):.0f}), {dataset.dropped} dropped",
-        f"batch            {micro} x {args.gradient_accumulation_steps} accumulation x {gpus} GPUs = {global_batch}",
-        f"steps            {total_steps} optimizer steps ({steps_per_epoch} per epoch), {warmup} warmup",
-        f"memory per GPU   params {param_bytes / gb:.1f} GB fp32 + grads {grad_bytes / gb:.1f} GB + AdamW "
-        f"{optim_bytes / gb:.1f} GB + accumulated unsharded grads {accum_bytes / gb:.1f} GB",
-        f"                 + gathered blocks {gathered_bytes / gb:.1f} GB + activations {activation_bytes / gb:.1f} GB"
-        f" + logits {logits_bytes / gb:.1f} GB = {total / gb:.1f} GB of {args.dry_run_gpu_memory_gb:.0f} GB",
-        f"compute          {fpt / 1e9:.1f} GFLOP per token x {compute_tokens / 1e6:.1f} M tokens "
-        f"({'padded: ~30% padding assumed' if padded else 'packed'})",
-        f"time (estimate)  {seconds / 3600:.2f} h on {gpus} x {args.dry_run_gpu} at {args.dry_run_mfu:.0%} MFU",
-    ]
-    if total / gb > args.dry_run_gpu_memory_gb:
-        lines.append("                 does not fit: try --gradient_checkpointing True or a smaller micro-batch")
-    print("\n".join(lines))
+    seconds = flops_per_epoch * epochs / (1 - padding) / (ranks * peak * args.dry_run_mfu)
+    print(
+        f"model            {n_params / 1e9:.3f} B parameters ({a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size})\n"
+        f"data             {records} records, {tokens_per_epoch / 1e6:.2f} M tokens per epoch (mean "
+        f"{sum(lengths) / len(lengths):.0f}), {padding:.1%} padding {'packed' if args.packing else 'padded'}\n"
+        f"batch            {micro} x {accumulation} accumulation x {ranks} ranks = {global_batch} records\n"
+        f"steps            {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
+        f"{math.ceil(args.warmup_ratio * total_steps)} warmup\n"
+        f"memory per rank  weights, grads, AdamW {sharded / gb:.2f} GB + accumulated grads {accumulated / gb:.2f} GB "
+        f"+ gathered blocks {gathered / gb:.2f} GB\n"
+        f"                 + activations {activations / gb:.2f} GB + logits {logits / gb:.2f} GB"
+        + (f" + runtime {runtime / gb:.2f} GB" if on_cpu else "")
+        + f" = {total / gb:.2f} GB\n"
+        f"compute          {flops_per_epoch * epochs / 1e15:.1f} PFLOP ({flops_per_epoch / tokens_per_epoch / 1e9:.1f} "
+        f"GFLOP per token, {epochs:.2f} epochs)\n"
+        f"time (estimate)  {seconds / 3600:.2f} h on {ranks} x {args.dry_run_gpu} at {args.dry_run_mfu:.0%} MFU"
+    )
+    if not on_cpu and total / gb > args.dry_run_gpu_memory_gb:
+        print(f"                 more than {args.dry_run_gpu_memory_gb:.0f} GB: try --gradient_checkpointing True")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -501,7 +503,7 @@ def train(args: argparse.Namespace) -> None:
     dataset = rank0_first(lambda: load_dataset(args.data_path, tokenizer, args.model_max_length))
     if args.dry_run:
         if is_main:
-            dry_run(args, model_args, dataset, world_size)
+            dry_run(args, model_args, dataset, world_size, tokenizer.pad_id)
         return
 
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -207,3 +208,19 @@ def test_bad_flags_give_one_line(flags, expected, tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dry_run_memory_matches_measured_peak(tmp_path, tokenizer_model, alpaca_sample):
+    """The dry run's per-rank memory for a CPU run against the peak resident memory that run reaches."""
+    from model import ModelArgs, Transformer, save_hf_checkpoint
+
+    args = ModelArgs(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, vocab_size=32000)
+    torch.manual_seed(0)
+    save_hf_checkpoint(str(tmp_path / "model"), args, Transformer(args).named_parameters(), str(tokenizer_model))
+    flags = common(str(tmp_path / "model"), str(alpaca_sample), tmp_path / "out", model_max_length=512, max_steps=2)
+    flags += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    plan = run([*flags, "--dry_run", "--dry_run_gpu", "cpu", "--dry_run_gpus", "2"]).stdout
+    planned = float(re.search(r"= ([\d.]+) GB", plan).group(1))
+    run(flags, nproc=2)
+    measured = max(m["peak_memory_gb"] for m in metrics(tmp_path / "out"))
+    assert abs(planned - measured) <= 0.2 * measured, (planned, measured, plan)
