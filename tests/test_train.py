@@ -105,6 +105,21 @@ def test_two_process_bf16_run_exports_a_transformers_model(tiny_model, alpaca_sa
     with torch.no_grad():
         assert (ours(tokens) - reference(tokens).logits).abs().max() <= 1e-5
 
+    # generate.py: greedy tokens equal transformers' generate on the exported model, and the CLI answers.
+    from generate import generate_ids
+
+    prompt = [1, 13866, 338, 385, 15278, 393, 16612, 263, 3414, 29889]
+    ours_ids = generate_ids(ours, [prompt], max_new_tokens=24, eos_id=-1)[0]
+    with torch.no_grad():
+        hf = reference.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert ours_ids == hf[0, len(prompt) :].tolist()
+    cli = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "generate.py"), "--model_path", str(out), "--max_new_tokens", "8",
+         "--temperature", "0", "Give three tips for staying healthy."],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0 and cli.stdout.strip(), cli.stderr
+
 
 def test_two_processes_match_one_process_fp32(tiny_model, small_data, tmp_path):
     batch = {"per_device_train_batch_size": 2, "max_steps": 5, "bf16": False}
