@@ -8,6 +8,7 @@ line runs as written. Every rank holds only its FSDP shards of weights, gradient
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -412,7 +413,15 @@ def peak_flops(device: torch.device) -> float | None:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return peak_rss_bytes() / 1e9
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, where ru_maxrss would carry
+    over the peak of whatever process launched us."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, which has no /proc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,7 +458,7 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
     activations = tokens * (layers_kept * per_layer + a.n_layers * act * a.dim * args.gradient_checkpointing)
     logits = 2 * 4 * min(4096, tokens) * a.vocab_size  # one chunk of fp32 logits and its gradient
     on_cpu = args.dry_run_gpu == "cpu"
-    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if on_cpu else 0  # python + torch
+    runtime = peak_rss_bytes() if on_cpu else 0  # python + torch
     total = sharded + accumulated + gathered + activations + logits + runtime
     peak = peak_flops(torch.device("cpu")) if on_cpu else GPU_PEAK_FLOPS[args.dry_run_gpu]
     epochs = total_steps / steps_per_epoch
