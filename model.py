@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 MAX_SHARD_BYTES = 5 * 1000**3  # what HF's save_pretrained uses by default ("5GB")
 
@@ -277,20 +276,43 @@ class Transformer(nn.Module):
             layer.self_attn.cache = None
 
 
-def _chunk_loss(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    logits = F.linear(h, weight).float()
-    # Labels of -100 (IGNORE_INDEX in data.py, PyTorch's default ignore_index) are not supervised.
-    return F.cross_entropy(logits, labels, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits h @ weight.T over labels that are not -100, a chunk of tokens at a
+    time, with the gradients worked out in the forward pass. The fp32 (tokens, vocab) logits never exist
+    whole, no logits are kept for backward, and the output projection is not recomputed: backward only
+    scales the stored gradients (the loss is a sum, so d loss / d logits = softmax - one_hot)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        want_grads = any(ctx.needs_input_grad[:2])
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_grads else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+        for i in range(0, h.shape[0], chunk):
+            h_chunk, label_chunk = h[i : i + chunk], labels[i : i + chunk]
+            logits = F.linear(h_chunk, weight).float()
+            supervised = label_chunk != -100  # IGNORE_INDEX in data.py, PyTorch's default ignore_index
+            target = label_chunk.clamp(min=0)[:, None]
+            log_norm = logits.logsumexp(dim=-1, keepdim=True)
+            total += ((log_norm - logits.gather(1, target)).squeeze(1) * supervised).sum()
+            if want_grads:
+                grad = logits.sub_(log_norm).exp_()
+                grad.scatter_add_(1, target, torch.full_like(grad[:, :1], -1.0))
+                grad = (grad * supervised[:, None]).to(h.dtype)
+                grad_h[i : i + chunk] = grad @ weight
+                grad_weight += (grad.T @ h_chunk).float()
+        if want_grads:
+            ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad_output, grad_weight * grad_output, None, None
 
 
 def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
-    """Summed cross-entropy of the logits h @ weight.T without ever holding the full (tokens, vocab) fp32
-    logits: each chunk's logits are recomputed in backward instead of stored."""
-    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_chunk_loss, h[i : i + chunk], weight, labels[i : i + chunk], use_reentrant=False)
-    return total
+    return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), chunk)
 
 
 def document_mask(document_ids: Tensor) -> Tensor:
