@@ -570,6 +570,8 @@ def train(args: argparse.Namespace) -> None:
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
+                "supervised_tokens": window_supervised,
+                "seconds": elapsed,
                 "supervised_tokens_per_s": window_supervised / elapsed,
                 "tokens_per_s": window_tokens / elapsed,
                 "mfu": window_flops / elapsed / (peak * world_size) if peak else None,
