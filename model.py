@@ -433,20 +433,23 @@ def _sentencepiece_size(tokenizer_path: str, params_path: str) -> int:
     return SentencePieceProcessor(model_file=tokenizer_path).vocab_size()
 
 
-def iter_checkpoint(path: str, args: ModelArgs) -> Iterator[tuple[str, Tensor]]:
+def iter_checkpoint(path: str, args: ModelArgs, read_data: bool = True) -> Iterator[tuple[str, Tensor]]:
     """Yields (our parameter name, CPU tensor) one tensor at a time, so a caller can place each tensor
-    where it belongs (or shard it) before the next is read: never two copies of the model in memory."""
+    where it belongs (or shard it) before the next is read: never two copies of the model in memory.
+    With read_data=False the tensors are on the meta device, from the file headers alone: every name and
+    shape (and a truncated file) can be checked in a second at any model size, before anything slow runs."""
     files = sorted(os.listdir(path))
     safetensors = [f for f in files if f.endswith(".safetensors")]
     bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
     meta = [f for f in files if f.startswith("consolidated.") and f.endswith(".pth")]
     if os.path.isfile(os.path.join(path, "config.json")) and (safetensors or bins):
         if safetensors:
-            yield from _iter_safetensors(path, _shard_files(path, safetensors, "model.safetensors.index.json"))
+            files = _shard_files(path, safetensors, "model.safetensors.index.json")
+            yield from _iter_safetensors(path, files, read_data)
         else:
-            yield from _iter_bins(path, _shard_files(path, bins, "pytorch_model.bin.index.json"))
+            yield from _iter_bins(path, _shard_files(path, bins, "pytorch_model.bin.index.json"), read_data)
     elif os.path.isfile(os.path.join(path, "params.json")) and meta:
-        yield from _iter_meta(path, meta, args)
+        yield from _iter_meta(path, meta, args, read_data)
     else:
         raise FileNotFoundError(
             f"{path}: no weights found (model*.safetensors, pytorch_model*.bin or consolidated.*.pth)"
@@ -485,12 +488,12 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _iter_safetensors(path: str, files: list[str]) -> Iterator[tuple[str, Tensor]]:
+def _iter_safetensors(path: str, files: list[str], read_data: bool) -> Iterator[tuple[str, Tensor]]:
     for f in files:
-        yield from _read_safetensors(os.path.join(path, f))
+        yield from _read_safetensors(os.path.join(path, f), read_data)
 
 
-def _read_safetensors(file_path: str) -> Iterator[tuple[str, Tensor]]:
+def _read_safetensors(file_path: str, read_data: bool) -> Iterator[tuple[str, Tensor]]:
     """Reads each tensor straight into fresh memory with readinto. The format is an 8-byte header length, a
     JSON header of {name: {dtype, shape, data_offsets}}, then the data. Not memory-mapping the file matters:
     mapped pages count as resident on top of the copies, which would double peak memory while loading."""
@@ -514,21 +517,23 @@ def _read_safetensors(file_path: str) -> Iterator[tuple[str, Tensor]]:
                 continue
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{file_path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            device = "cpu" if read_data else "meta"
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]], device=device)
             if tensor.numel() * tensor.element_size() != end - begin:
                 raise ValueError(f"{file_path}: tensor {key!r}: {end - begin} bytes for shape {info['shape']}")
-            f.seek(data_start + begin)
-            f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if read_data:
+                f.seek(data_start + begin)
+                f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             yield name, tensor
 
 
-def _iter_bins(path: str, files: list[str]) -> Iterator[tuple[str, Tensor]]:
+def _iter_bins(path: str, files: list[str], read_data: bool) -> Iterator[tuple[str, Tensor]]:
     for f in files:
         state = _torch_load(os.path.join(path, f))
         for key in list(state):
             tensor = state.pop(key)  # drop our reference as we go: peak memory stays one shard file
             if (name := _hf_name(key)) is not None:
-                yield name, tensor
+                yield name, tensor if read_data else tensor.to("meta")  # memory-mapped: to("meta") reads nothing
 
 
 def _torch_load(file_path: str) -> dict[str, Tensor]:
@@ -540,7 +545,7 @@ def _torch_load(file_path: str) -> dict[str, Tensor]:
         raise ValueError(f"{file_path}: not a weights-only PyTorch checkpoint ({first_line})") from None
 
 
-def _iter_meta(path: str, files: list[str], args: ModelArgs) -> Iterator[tuple[str, Tensor]]:
+def _iter_meta(path: str, files: list[str], args: ModelArgs, read_data: bool) -> Iterator[tuple[str, Tensor]]:
     # Model-parallel shards split some tensors across files; mmap keeps all shards open without reading them.
     shards = [_torch_load(os.path.join(path, f)) for f in files]
     for key in list(shards[0]):
@@ -548,7 +553,7 @@ def _iter_meta(path: str, files: list[str], args: ModelArgs) -> Iterator[tuple[s
         if mapped is None:
             continue  # e.g. rope.freqs, which we compute
         name, cat_dim = mapped
-        parts = [shard.pop(key) for shard in shards]
+        parts = [shard.pop(key) if read_data else shard.pop(key).to("meta") for shard in shards]
         tensor = parts[0] if cat_dim is None or len(parts) == 1 else torch.cat(parts, dim=cat_dim)
         if name.endswith("q_proj.weight"):
             tensor = meta_to_hf_qk(tensor, args.n_heads)

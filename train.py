@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -23,7 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -110,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flag("--gradient_checkpointing", default=False, help="recompute each block's activations in backward")
     flag("--cpu_offload", default=False, help="keep parameters, gradients and optimizer state in CPU memory")
     flag("--compile", default=False, help="torch.compile each decoder block")
+    flag("--skip_nonfinite", default=False, help="skip a step whose loss or gradient norm is not finite, not stop")
     g("--logging_steps", type=int, default=1)
     g("--save_strategy", default="steps", choices=["steps", "epoch", "no"])
     g("--save_steps", type=int, default=2000)
@@ -170,6 +174,9 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ["adam_beta1", "adam_beta2"]:
         if not 0 <= getattr(args, name) < 1:
             raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    for name in ["dry_run_gpus", "dry_run_records"]:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
     if args.dry_run and args.dry_run_gpu not in [*GPU_PEAK_FLOPS, "cpu"]:
@@ -189,16 +196,26 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-    else:
+    device_id = device if backend == "nccl" else None
+    if "RANK" not in os.environ:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one store across its restarts (torch 2.13), where restarted ranks can read the
+        # addresses that the ranks they replace published, and fail to connect. Counting each rank's starts
+        # in the store gives all the ranks of one attempt the same fresh prefix.
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=default_pg_timeout
+        )
+        attempt = store.add(f"train.py/starts/rank{rank}", 1)
+        store = dist.PrefixStore(f"train.py/attempt{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
+    else:
+        dist.init_process_group(backend, device_id=device_id)
     return rank, world_size, device
 
 
-def rank0_first(fn):
-    """fn() on rank 0, then on the others (which then find what rank 0 cached). An error on rank 0 is raised
-    on every rank, so none is left waiting in a collective."""
+def on_rank0(fn):
+    """fn() on rank 0 only. An error there is raised on every rank, so none is left waiting in a collective."""
     result, error = None, [None]
     if dist.get_rank() == 0:
         try:
@@ -208,6 +225,12 @@ def rank0_first(fn):
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise ValueError(error[0])
+    return result
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the others (which then find what rank 0 cached)."""
+    result = on_rank0(fn)
     return result if dist.get_rank() == 0 else fn()
 
 
@@ -234,25 +257,43 @@ def build_model(model_args: ModelArgs, args: argparse.Namespace, device: torch.d
     return model
 
 
+def check_weights(path: str, checkpoint_args: ModelArgs, model_args: ModelArgs) -> None:
+    """Every tensor's name and shape against the config, from the file headers alone: a mismatch costs a
+    second, not a model load, and load_weights then reads only what this has vouched for."""
+    with torch.device("meta"):
+        expected = dict(Transformer(model_args).named_parameters())
+    found = set()
+    for name, tensor in iter_checkpoint(path, checkpoint_args, read_data=False):
+        if name not in expected:
+            raise ValueError(f"{path}: unexpected tensor {name!r} for a LLaMA model")
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            tensor = add_pad_rows(tensor, expected[name].shape[0])
+        check_shape(name, tensor, expected[name].shape, path)
+        found.add(name)
+    if missing := sorted(set(expected) - found):
+        raise ValueError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+
+
 def load_weights(model: Transformer, path: str, checkpoint_args: ModelArgs) -> None:
     """Streams the checkpoint tensor by tensor; each rank keeps only its shard of each."""
     params = dict(model.named_parameters())
-    loaded = set()
     for name, full in iter_checkpoint(path, checkpoint_args):
-        if name not in params:
-            raise ValueError(f"{path}: unexpected tensor {name!r} for a LLaMA model")
         param = params[name]
         if name in ("embed_tokens.weight", "lm_head.weight"):
             full = add_pad_rows(full, param.shape[0])
-        check_shape(name, full, param.shape, path)
         local = distribute_tensor(
             full.to(param.device, torch.float32), param.device_mesh, param.placements, src_data_rank=None
         )
         with torch.no_grad():
             param.to_local().copy_(local.to_local())
-        loaded.add(name)
-    if missing := sorted(set(params) - loaded):
-        raise ValueError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+
+
+def weights_finite(model: Transformer, device: torch.device) -> bool:
+    """Whether every rank's shards hold only finite values; the same answer on every rank."""
+    finite = torch.stack([p.to_local().isfinite().all() for p in model.parameters()]).all()
+    finite = finite.to(device, torch.int32)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def full_tensors(model: Transformer, device: torch.device):
@@ -292,10 +333,11 @@ def model_inputs(batch: Batch, device: torch.device) -> dict[str, Tensor | None]
     return kwargs
 
 
-def train_step(model, optimizer, micro_batches, n_supervised: int, lr: float, args, device) -> tuple[Tensor, Tensor]:
+def train_step(model, optimizer, micro_batches, n_supervised: int, lr: float, args, device) -> tuple[float, float]:
     """Forward/backward over this rank's micro-batches, then one AdamW update. The loss of every token is
     divided by the supervised tokens of the whole step on all ranks; FSDP averages gradients over ranks, so
-    multiply by the world size to get a plain sum. Returns (this rank's summed loss, grad norm)."""
+    multiply by the world size to get a plain sum. Returns (loss per supervised token, grad norm), the same on
+    every rank; when either is not finite the update is skipped on every rank, so no weight is touched."""
     scale = dist.get_world_size() / n_supervised
     summed_loss = torch.zeros((), device=device)
     # Every input goes to the device before any compute is queued: a copy issued between micro-steps would
@@ -309,15 +351,19 @@ def train_step(model, optimizer, micro_batches, n_supervised: int, lr: float, ar
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
+    dist.all_reduce(summed_loss)
+    loss, grad_norm = torch.stack([summed_loss / n_supervised, grad_norm]).tolist()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return summed_loss, grad_norm
+    return loss, grad_norm
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: output_dir/checkpoint-<step>/, written aside then renamed, so a complete one is never faked
+# Checkpoints: output_dir/checkpoint-<step>/, written aside, verified, then renamed, so that the newest
+# checkpoint-<step> is always a complete one
 
 
 def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
@@ -328,31 +374,157 @@ def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
     return [(step, os.path.join(output_dir, f)) for step, f in sorted(found)]
 
 
-def save_checkpoint(model, optimizer, step: int, args: argparse.Namespace) -> str:
-    rank = dist.get_rank()
+def check_output_dir(output_dir: str) -> None:
+    """That output_dir is, or can be made, a writable directory, checked without creating anything: a run
+    that fails its checks leaves nothing behind."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output_dir {output_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {output_dir}: {existing} is not writable")
+
+
+def prepare_output_dir(output_dir: str, start_step: int) -> None:
+    """On rank 0 once every check has passed: creates output_dir and removes what a killed run left half
+    written or half deleted, and the metrics it logged past the step this run starts from."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):
+        if re.fullmatch(r"checkpoint-\d+\.(partial|old)", name):
+            shutil.rmtree(os.path.join(output_dir, name))
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            # A line without its newline is one that a kill cut short.
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start_step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# What a DCP index (.metadata) is made of: its own dataclasses, torch.Size, dtypes and layouts, paths.
+CHECKPOINT_INDEX_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ["Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+                 "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"]
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}  # fmt: skip
+
+
+class CheckpointIndexUnpickler(pickle.Unpickler):
+    """DCP reads a checkpoint's index with a bare pickle.load, which calls whatever a crafted file names. This
+    admits only the classes an index is made of, and runs first: DCP then reads a file that can call nothing
+    else."""
+
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in CHECKPOINT_INDEX_CLASSES or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+
+
+def verify_checkpoint(path: str) -> Metadata:
+    """Reads the index safely and checks that every byte range it lists is on disk."""
+    index_file = os.path.join(path, ".metadata")
+    try:
+        with open(index_file, "rb") as f:
+            index = CheckpointIndexUnpickler(f).load()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not a training checkpoint (no .metadata)") from None
+    except Exception as e:  # a damaged or crafted pickle fails in many ways, all of which mean the same here
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{index_file}: not a checkpoint index ({reason})") from None
+    if not isinstance(index, Metadata):
+        raise ValueError(f"{index_file}: not a checkpoint index")
+    ends: dict[str, int] = {}
+    for info in index.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in ends.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"{file}: missing, but the checkpoint index lists it")
+        if os.path.getsize(file) < end:
+            raise ValueError(f"{file}: truncated: {os.path.getsize(file)} bytes, the index needs {end}")
+    return index
+
+
+TRAINER_STATE_FIELDS = ("global_step", "global_batch", "seed", "records")
+
+
+def read_trainer_state(path: str) -> dict:
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        raise ValueError(f"{path}: not a complete checkpoint (no trainer_state.json)")
+    with open(state_file) as f:
+        try:
+            state = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{state_file}: not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in TRAINER_STATE_FIELDS):
+        raise ValueError(f"{state_file}: expected the integer fields {', '.join(TRAINER_STATE_FIELDS)}")
+    return state
+
+
+def save_checkpoint(model, optimizer, step: int, args: argparse.Namespace, records: int, device) -> str:
+    """Written aside as checkpoint-<step>.partial, verified, then renamed: a kill at any moment leaves the
+    previous checkpoint or this one as the newest checkpoint-<step>, never a partial one under that name."""
+    if not weights_finite(model, device):
+        raise ValueError(f"step {step}: the weights are not finite; checkpoint-{step} not written")
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     partial_dir = final + ".partial"
-    if rank == 0 and os.path.exists(partial_dir):
-        shutil.rmtree(partial_dir)  # left by a run killed while writing
-    dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial_dir)
-    torch.save(rng_state(), os.path.join(partial_dir, f"rng-{rank}.pt"))
+    # Tensors only (see load_checkpoint); DCP fsyncs every file it writes.
+    dcp.save({"model": model_state, "optim": {"state": optim_state["state"]}}, checkpoint_id=partial_dir)
+    with open(os.path.join(partial_dir, f"rng-{dist.get_rank()}.pt"), "wb") as f:
+        torch.save(rng_state(), f)
+        f.flush()
+        os.fsync(f.fileno())
     dist.barrier()
-    if rank == 0:
-        state = {"global_step": step, "world_size": dist.get_world_size(), "seed": args.seed}
-        with open(os.path.join(partial_dir, "trainer_state.json"), "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial_dir, final)
-        if args.save_total_limit:
-            for _, old in checkpoint_dirs(args.output_dir)[: -args.save_total_limit]:
-                shutil.rmtree(old)
-    dist.barrier()
+    on_rank0(lambda: publish_checkpoint(partial_dir, final, step, args, records))
     return final
+
+
+def publish_checkpoint(partial_dir: str, final: str, step: int, args: argparse.Namespace, records: int) -> None:
+    """Rank 0: verifies what every rank wrote, writes trainer_state.json last, renames, then rotates."""
+    world_size = dist.get_world_size()
+    verify_checkpoint(partial_dir)
+    for rank in range(world_size):
+        if not os.path.isfile(os.path.join(partial_dir, f"rng-{rank}.pt")):
+            raise ValueError(f"{partial_dir}: rank {rank} wrote no RNG state")
+    state = {
+        "global_step": step,
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+        "seed": args.seed,
+        "records": records,
+        "world_size": world_size,
+    }
+    with open(os.path.join(partial_dir, "trainer_state.json"), "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(partial_dir)
+    os.rename(partial_dir, final)
+    fsync_dir(args.output_dir)  # the rename itself is on disk before an older checkpoint goes
+    if args.save_total_limit:
+        for _, old in checkpoint_dirs(args.output_dir)[: -args.save_total_limit]:
+            # Out of the checkpoint-<step> names first: a kill halfway through rmtree leaves a .old, which
+            # the next start removes, not a checkpoint that looks complete.
+            os.rename(old, old + ".old")
+            shutil.rmtree(old + ".old")
 
 
 def rng_state() -> dict:
@@ -363,33 +535,80 @@ def rng_state() -> dict:
 
 
 def resolve_resume(args: argparse.Namespace) -> str | None:
-    """'latest' means the newest complete checkpoint in output_dir, or a fresh start if there is none, so a
-    relaunch (torchrun --max-restarts) runs the same command."""
+    """The checkpoint this run starts from. 'latest' is the newest complete one in output_dir, or a fresh start
+    if there is none, so that a relaunch (torchrun --max-restarts) runs the same command. Checkpoints in
+    output_dir past the starting point belong to another run: rotation would delete this run's checkpoints
+    around them, and a restart would take theirs for 'latest'."""
+    found = checkpoint_dirs(args.output_dir)
     if args.resume_from_checkpoint is None:
+        if found:
+            raise ValueError(
+                f"--output_dir {args.output_dir} already holds {found[-1][1]}: continue that run with "
+                "--resume_from_checkpoint latest, or choose another --output_dir"
+            )
         return None
     if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(args.output_dir)
         return found[-1][1] if found else None
     path = args.resume_from_checkpoint
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise ValueError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+    step = read_trainer_state(path)["global_step"]
+    if later := [f for s, f in found if s > step]:
+        raise ValueError(
+            f"--resume_from_checkpoint {path}: --output_dir holds the later {later[-1]}, which a restart would "
+            "resume instead: move it away first"
+        )
     return path
 
 
-def load_checkpoint(model, optimizer, path: str) -> int:
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
+def check_resume(path: str, state: dict, model_args: ModelArgs, args: argparse.Namespace, world_size: int) -> None:
+    """Before anything slow: the checkpoint is whole and holds this model's tensors, and this launch continues
+    its run with the same global batch (so that a step number keeps its records and learning rate) and seed."""
+    saved, per_step = state["global_batch"], args.per_device_train_batch_size * world_size
+    this_launch = per_step * args.gradient_accumulation_steps
+    if saved % per_step:
+        raise ValueError(
+            f"{path}: trained with global batch {saved}, which {world_size} ranks x --per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} does not divide: choose a world size and micro-batch that do"
+        )
+    if saved != this_launch:
+        raise ValueError(
+            f"{path}: trained with global batch {saved}, this launch makes {this_launch}: pass "
+            f"--gradient_accumulation_steps {saved // per_step} to continue the same run"
+        )
+    if state["seed"] != args.seed:
+        raise ValueError(
+            f"{path}: trained with --seed {state['seed']}; another seed reorders the records still to come"
+        )
+    index = verify_checkpoint(path).state_dict_metadata
+    with torch.device("meta"):
+        params = dict(Transformer(model_args).named_parameters())
+    expected = {}
+    for name, param in params.items():
+        expected[f"model.{name}"] = param.shape
+        expected[f"optim.state.{name}.exp_avg"] = expected[f"optim.state.{name}.exp_avg_sq"] = param.shape
+        expected[f"optim.state.{name}.step"] = ()
+    for key, shape in expected.items():
+        entry = index.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise ValueError(f"{path}: no tensor {key!r}: not a checkpoint of this model")
+        if tuple(entry.size) != tuple(shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(entry.size)}, this model's is {tuple(shape)}")
+
+
+def load_checkpoint(model, optimizer, path: str) -> None:
+    """Model and optimizer state, and this rank's RNG. Tensors only: DCP reads any other entry with
+    torch.load(weights_only=False), which runs pickled code. The optimizer's hyperparameters are this launch's
+    flags (and its learning rate is set at every step)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    bundle = {"model": model_state, "optim": optim_state}
-    dcp.load(bundle, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+    tensors = {"model": model_state, "optim": {"state": optim_state["state"]}}
+    dcp.load(tensors, checkpoint_id=path)  # reads the index that check_resume has read safely
+    optim_state["state"] = tensors["optim"]["state"]
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_state)
     rng_file = os.path.join(path, f"rng-{dist.get_rank()}.pt")
     if os.path.isfile(rng_file):  # absent when resuming with more ranks than saved
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return state["global_step"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,6 +713,9 @@ def train(args: argparse.Namespace) -> None:
         # cuDNN attention plans anew for every sequence length (~30 ms of CPU per call, measured on H100), and
         # packed or padded micro-batches change length every time: flash/efficient attention do not.
         torch.backends.cuda.enable_cudnn_sdp(False)
+    # Every input is checked before anything slow starts, and nothing is written until all have passed.
+    if not args.dry_run:
+        check_output_dir(args.output_dir)
     dry = args.dry_run and not os.path.isdir(args.model_name_or_path)
     checkpoint_args = ModelArgs.from_name(args.model_name_or_path) if dry else read_args(args.model_name_or_path)
     tokenizer_path = args.tokenizer_path or os.path.join(args.model_name_or_path, "tokenizer.model")
@@ -508,18 +730,30 @@ def train(args: argparse.Namespace) -> None:
     model_args.vocab_size = max(checkpoint_args.vocab_size, tokenizer.vocab_size)
     model_args.pad_token_id = tokenizer.pad_id
     model_args.max_seq_len = max(model_args.max_seq_len, args.model_max_length)
+    if not dry:
+        check_weights(args.model_name_or_path, checkpoint_args, model_args)
+    resume = None if args.dry_run else resolve_resume(args)
+    resume_state = read_trainer_state(resume) if resume else {}
+    if resume:
+        check_resume(resume, resume_state, model_args, args, world_size)
 
     dataset = rank0_first(lambda: load_dataset(args.data_path, tokenizer, args.model_max_length))
     if args.dry_run:
         if is_main:
             dry_run(args, model_args, dataset, world_size, tokenizer.pad_id)
         return
+    if resume and resume_state["records"] != len(dataset):
+        raise ValueError(
+            f"{resume}: trained on {resume_state['records']} records, but {args.data_path} gives {len(dataset)} "
+            f"with --model_max_length {args.model_max_length}: a step number would no longer mean the same records"
+        )
 
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     steps_per_epoch = math.ceil(len(dataset) / global_batch)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    os.makedirs(args.output_dir, exist_ok=True)
+    start_step = resume_state.get("global_step", 0)
+    on_rank0(lambda: prepare_output_dir(args.output_dir, start_step))
     if is_main:
         print(
             f"{len(dataset)} records ({dataset.dropped} dropped: no supervised token), {world_size} ranks on "
@@ -531,11 +765,11 @@ def train(args: argparse.Namespace) -> None:
     model = build_model(model_args, args, device)
     load_weights(model, args.model_name_or_path, checkpoint_args)
     optimizer = make_optimizer(model, args)
-    start_step = 0
-    if resume := resolve_resume(args):
-        start_step = load_checkpoint(model, optimizer, resume)
+    if resume:
+        load_checkpoint(model, optimizer, resume)
         if is_main:
             print(f"resumed from {resume} at step {start_step}", file=sys.stderr)
+    last_checkpoint = resume
 
     peak = peak_flops(device)
     bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not is_main, dynamic_ncols=True)
@@ -553,23 +787,31 @@ def train(args: argparse.Namespace) -> None:
         )  # fmt: skip
         n_supervised = sum(dataset.n_supervised(i) for i in records)
         lr = lr_at(step, total_steps, warmup_steps, args.learning_rate)
-        summed_loss, grad_norm = train_step(model, optimizer, micro_batches, n_supervised, lr, args, device)
+        loss, grad_norm = train_step(model, optimizer, micro_batches, n_supervised, lr, args, device)
+        done = step + 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            problem = f"step {done}: loss {loss}, gradient norm {grad_norm}"
+            if not args.skip_nonfinite:
+                bar.close()  # the error then starts a line of its own
+                raise ValueError(
+                    f"{problem}; stopped before updating the weights. Last complete checkpoint: "
+                    f"{last_checkpoint or 'none'}. Lower --learning_rate, or skip such steps with --skip_nonfinite"
+                )
+            if is_main:
+                bar.write(f"warning: {problem}; step skipped, weights unchanged (--skip_nonfinite)")
         lengths = [len(dataset.ids[i]) for i in records]
         window_tokens += sum(lengths)
         window_supervised += n_supervised
         window_flops += sum(n * flops_per_token(model_args, n) for n in lengths)
         bar.update(1)
-        done = step + 1
         if done % args.logging_steps == 0 or done == total_steps:
-            dist.all_reduce(summed_loss)
-            loss = summed_loss.item() / n_supervised
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": done,
                 "epoch": round(step / steps_per_epoch + 1 / steps_per_epoch, 4),
                 "loss": loss,
                 "lr": lr,
-                "grad_norm": grad_norm.item(),
+                "grad_norm": grad_norm,
                 "supervised_tokens": window_supervised,
                 "seconds": elapsed,
                 "supervised_tokens_per_s": window_supervised / elapsed,
@@ -592,8 +834,11 @@ def train(args: argparse.Namespace) -> None:
         if (args.save_strategy == "steps" and done % args.save_steps == 0) or (
             args.save_strategy == "epoch" and end_of_epoch
         ):
-            save_checkpoint(model, optimizer, done, args)
+            last_checkpoint = save_checkpoint(model, optimizer, done, args, len(dataset), device)
     bar.close()
+
+    if not weights_finite(model, device):
+        raise ValueError(f"the weights after step {total_steps} are not finite: not exported")
 
     tensors = full_tensors(model, device)
     if is_main:
@@ -605,12 +850,17 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    rank = int(os.environ.get("RANK", 0))
     try:
         args = parse_args()
         train(args)
     except (ValueError, OSError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        if rank != 0:
+            # Every check fails alike on all ranks, and rank 0 reports it: when it exits, torchrun stops this
+            # rank. Exiting first would have torchrun stop rank 0 before it has printed. An error of this rank
+            # alone is reported after the wait.
+            time.sleep(30)
+        print(f"error: {e}" if rank == 0 else f"error on rank {rank}: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():
