@@ -308,8 +308,8 @@ def pick_device(name: str | None) -> torch.device:
         raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -325,8 +325,9 @@ def run(args: argparse.Namespace) -> None:
     else:
         prompts = [(args.prompt, args.input or "")]
     if args.raw:
-        if any(input for _, input in prompts):
-            raise ValueError(f"{args.prompts}: --raw takes no inputs, but a record has one")
+        with_input = [i for i, (_, input) in enumerate(prompts) if input]
+        if with_input:
+            raise ValueError(f"{args.prompts}: record {with_input[0]} has an input, which --raw has no template for")
         texts = [instruction for instruction, _ in prompts]
     else:
         texts = [format_prompt(instruction, input) for instruction, input in prompts]
@@ -376,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as the Python docs recommend
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

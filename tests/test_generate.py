@@ -292,6 +292,7 @@ def test_cli_prompts_from_file_and_stdin(monkeypatch, tmp_path, model_dir, model
         (["--prompts", "{tmp}/no_instruction.json"], "no_instruction.json: record 1: expected string fields"),
         (["--prompts", "{tmp}/empty.txt"], "empty.txt: no prompts"),
         (["--raw", "--input", "x", "Hi"], "--raw uses the prompt as it is"),
+        (["--raw", "--prompts", "{tmp}/with_input.json"], "with_input.json: record 1 has an input, which --raw"),
         ([], "give one prompt, or --prompts FILE"),
         (["--output_format", "xml", "Hi"], "invalid choice: 'xml'"),
         (["--device", "tpu", "Hi"], "--device 'tpu': expected cpu, cuda or cuda:N"),
@@ -303,6 +304,7 @@ def test_cli_bad_input_is_one_line(monkeypatch, capsys, tmp_path, model_dir, arg
     (tmp_path / "bad.json").write_text('[{"instruction": "a"},')
     (tmp_path / "no_instruction.json").write_text('[{"instruction": "a"}, {"input": "b"}]')
     (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "with_input.json").write_text('[{"instruction": "a"}, {"instruction": "b", "input": "c"}]')
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--model_path" not in args:
         args = ["--model_path", str(model_dir)] + args
