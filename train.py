@@ -352,7 +352,7 @@ def train_step(model, optimizer, micro_batches, n_supervised: int, lr: float, ar
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     dist.all_reduce(summed_loss)
-    loss, grad_norm = torch.stack([summed_loss / n_supervised, grad_norm]).tolist()
+    loss, grad_norm = torch.stack([summed_loss / n_supervised, grad_norm.to(device)]).tolist()
     if math.isfinite(loss) and math.isfinite(grad_norm):
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -798,7 +798,7 @@ def train(args: argparse.Namespace) -> None:
                     f"{last_checkpoint or 'none'}. Lower --learning_rate, or skip such steps with --skip_nonfinite"
                 )
             if is_main:
-                bar.write(f"warning: {problem}; step skipped, weights unchanged (--skip_nonfinite)")
+                bar.write(f"warning: {problem}; step skipped, weights unchanged (--skip_nonfinite)", file=sys.stderr)
         lengths = [len(dataset.ids[i]) for i in records]
         window_tokens += sum(lengths)
         window_supervised += n_supervised

@@ -11,34 +11,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer_model) -> str:
-    """A random LLaMA with the real 32000-piece vocabulary, written by transformers."""
-    path = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
-    shutil.copyfile(tokenizer_model, path / "tokenizer.model")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, alpaca_sample) -> str:
-    """64 real Alpaca records: enough for a few steps, with lengths that differ a lot."""
-    path = tmp_path_factory.mktemp("data") / "alpaca64.json"
-    path.write_text(json.dumps(json.loads(alpaca_sample.read_text())[:64]))
-    return str(path)
 
 
 CACHE = os.path.join(ROOT, ".cache")  # the tokenized-data cache, kept out of the user's home
