@@ -130,9 +130,9 @@ def generate_ids(
 
 def use_cpu_decoding_layout(model: Transformer) -> None:
     """Stores every linear weight transposed in memory: the same values and shape, column-major strides.
-    Decoding one row multiplies a vector by each weight in turn, which is memory-bound, and on the CPU MKL's
-    matrix-vector product streams the transposed layout about 1.5x faster (measured in BENCHMARKS.md). cuBLAS
-    reads either layout at full speed, so CUDA needs no change."""
+    Decoding one row multiplies a vector by each weight in turn, which is memory-bound, and for fp32 on the CPU
+    MKL's matrix-vector product streams the transposed layout 1.1-2.2x faster (BENCHMARKS.md). bf16 products
+    (oneDNN) and CUDA's (cuBLAS) read either layout alike, so they need no change."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.stride(0) != 1:
             module.weight.data = module.weight.data.t().contiguous().t()
@@ -344,7 +344,7 @@ def run(args: argparse.Namespace) -> None:
     prompt_ids = [tokenizer.encode(text, bos=True) for text in texts]
     check_prompt_lengths(prompt_ids, model_args.max_seq_len)  # all of them, before the first batch runs
     model = load_model(args.model_path, dtype=dtype, device=device)
-    if device.type == "cpu":
+    if device.type == "cpu" and dtype == torch.float32:
         use_cpu_decoding_layout(model)
 
     for start in range(0, len(prompts), args.batch_size):
