@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -361,36 +360,20 @@ BAD_INPUTS = {
 }  # fmt: skip
 
 
-def files(root: Path) -> dict[Path, int]:
-    return {p: p.stat().st_size for p in root.rglob("*")}
-
-
-@pytest.fixture(scope="module")
-def bad_input_runs(bad, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """Every case's process and the output path it was given, run two at a time: each is mostly Python
-    importing torch. The inputs must be byte for byte what they were."""
-    before = files(bad.root)
-
-    def launch(case: str) -> tuple[subprocess.CompletedProcess, Path]:
-        program, arguments, _, nproc = BAD_INPUTS[case]
-        out = tmp_path_factory.mktemp("bad_input") / "out"
-        if nproc == 1:
-            cmd = [sys.executable, program]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", program]
-        cmd += map(str, arguments(bad, out))
-        return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300), out
-
-    with ThreadPoolExecutor(2) as pool:
-        runs = dict(zip(BAD_INPUTS, pool.map(launch, BAD_INPUTS), strict=True))
-    assert files(bad.root) == before
-    return runs
+def files(*roots: Path) -> dict[Path, int]:
+    return {p: p.stat().st_size for root in roots for p in root.rglob("*")}
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_one_line_and_writes_nothing(case, bad, bad_input_runs):
-    program, _, expected, nproc = BAD_INPUTS[case]
-    result, out = bad_input_runs[case]
+def test_bad_input_is_one_line_and_writes_nothing(case, bad, tmp_path):
+    program, arguments, expected, nproc = BAD_INPUTS[case]
+    before = files(bad.root, tmp_path)
+    if nproc == 1:
+        cmd = [sys.executable, program]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", program]
+    cmd += map(str, arguments(bad, tmp_path / "out"))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert result.returncode != 0
     if nproc == 1:
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr[-3000:]
@@ -399,5 +382,5 @@ def test_bad_input_is_one_line_and_writes_nothing(case, bad, bad_input_runs):
         errors = [line for line in result.stderr.splitlines() if "error: " in line]
         assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], result.stderr[-3000:]
         assert f'File "{program}"' not in result.stderr
-    assert not any(out.parent.iterdir())  # not even an empty output_dir
+    assert files(bad.root, tmp_path) == before  # not even an empty output_dir
     assert not bad.marker.exists()
