@@ -1,13 +1,13 @@
 """The embedded sample: a small instruction data set whose answers can be checked exactly, a SentencePiece
-tokenizer trained on it and a tiny randomly initialised LLaMA, so the whole pipeline runs on a laptop CPU
+tokenizer trained on it and a tiny randomly initialised LLaMA, so that the whole pipeline runs on a laptop CPU
 with no download.
 
     python sample_data.py [--out sample] [--seed 0] [--tokenizer llama_tokenizer.model]
 
-writes out/train.json and out/heldout.json (Alpaca format, plus a `task` field naming the task family) and
-the HF LLaMA directory out/model/ (config.json, model.safetensors, tokenizer.model) that train.py starts from.
-With --tokenizer the given SentencePiece model (e.g. LLaMA's) is copied instead of training one, and the
-model's vocabulary matches it.
+writes OUT/train.json and OUT/heldout.json (Alpaca records, each with a `task` field naming its task, which the
+pipeline ignores) and OUT/model/, a Hugging Face LLaMA directory with its tokenizer.model, which train.py
+starts from when it is given no model. The same seed writes the same files. With --tokenizer, that
+SentencePiece model (LLaMA's, say) is copied instead of training one, and the model's vocabulary matches it.
 """
 
 import argparse
@@ -23,19 +23,21 @@ import torch
 from torch import nn
 
 from data import format_prompt
-from model import ModelArgs, Transformer, save_hf_checkpoint
+from model import ModelArgs, Transformer, count_parameters, save_hf_checkpoint
 from tokenizer import Tokenizer
 
-N_TRAIN = 5000
+N_TRAIN = 7500  # 3 epochs of 32-record steps: 705 optimizer steps, about 2 minutes on 2 CPU cores
 N_HELDOUT = 100
-VOCAB_SIZE = 512
-MODEL = dict(dim=128, n_layers=4, n_heads=4, hidden_dim=384, max_seq_len=256)
+VOCAB_SIZE = 512  # every template and task word is one piece; the data holds too few words for 1024
+# 0.56M parameters. Many narrow heads learn these tasks in far fewer steps than a few wide ones: in the same
+# 600 steps, 16 heads of 8 dimensions got 90-98% of the held-out answers right, 4 heads of 32 got 60%.
+MODEL = dict(dim=128, n_layers=2, n_heads=16, hidden_dim=384, max_seq_len=256)
 
 Record = tuple[str, str, str]  # instruction, input, output
 
-# Every answer is a number (or a digit) that the model can find in the prompt or compute from a set of digits.
-# Tasks like these, that look at the digits as a set or at the last/first one, are learnt by a 1M-parameter model
-# in a few hundred steps; sorting, multi-digit addition or copying a whole list need many more.
+# Every answer is one number that the model finds among the digits of the prompt: the largest, the smallest, the
+# first, the last, or how many there are. A tiny model learns tasks like these from scratch in a few hundred
+# steps; sorting, reversing, two-digit addition or looking a value up by its key took it thousands.
 
 
 def digits(rng: random.Random, low: int, high: int) -> list[int]:
@@ -47,9 +49,11 @@ def spaced(numbers: list[int]) -> str:
 
 
 def largest(rng: random.Random) -> Record:
-    # The answer is drawn first, uniformly, and the other numbers below it. Drawn the other way round, 9 would be
-    # the answer almost half the time, and answering 9 a shortcut the model would learn before the task.
-    answer = rng.randint(2, 9)
+    # The answer is drawn first, uniformly, then the other numbers below it. Drawn the other way round, 9 would
+    # be the answer almost half the time, and always answering 9 a shortcut the model learns before the task.
+    # From 4 up: lists that top out at 2 or 3 are so few that the held-out set would take most of them, and the
+    # model would be asked for an answer it has hardly seen.
+    answer = rng.randint(4, 9)
     numbers = [answer, *rng.sample(range(answer), rng.randint(2, min(5, answer)))]
     rng.shuffle(numbers)
     instruction = rng.choice(["What is the largest of {x}?", "Which number is the biggest: {x}?"])
@@ -57,7 +61,7 @@ def largest(rng: random.Random) -> Record:
 
 
 def smallest(rng: random.Random) -> Record:
-    answer = rng.randint(0, 7)
+    answer = rng.randint(0, 5)
     numbers = [answer, *rng.sample(range(answer + 1, 10), rng.randint(2, min(5, 9 - answer)))]
     rng.shuffle(numbers)
     instruction = rng.choice(["What is the smallest number in the list?", "Find the minimum."])
@@ -143,7 +147,8 @@ def train_tokenizer(records: list[dict], path: str) -> None:
 
 
 def init_weights(model: Transformer) -> None:
-    """normal(0, 0.02) for every matrix, as LLaMA's config (initializer_range) says; ones for the norms."""
+    """normal(0, 0.02) for every matrix, the initializer_range of LLaMA's config (nn.Linear's default would be
+    uniform, scaled by fan-in); the norms keep their ones."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -168,7 +173,7 @@ def write_json(path: str, records: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="sample", help="output directory (default: sample)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the records and the weights (default: 0)")
     parser.add_argument("--tokenizer", help="copy this SentencePiece model (e.g. LLaMA's) instead of training one")
     args = parser.parse_args()
     try:
@@ -186,7 +191,10 @@ def main() -> None:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"{args.out}: {len(train)} training and {len(heldout)} held-out records, model {model_args}")
+    print(
+        f"{args.out}: {len(train)} training and {len(heldout)} held-out records; {model_dir}: "
+        f"{count_parameters(model_args) / 1e6:.2f} M parameters, vocabulary {model_args.vocab_size}"
+    )
 
 
 if __name__ == "__main__":
