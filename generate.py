@@ -3,6 +3,7 @@
 
     python generate.py --model_path out "Give three tips for staying healthy."
     python generate.py --model_path out --prompts prompts.txt --output_format jsonl > answers.jsonl
+    python generate.py --model_path out --eval_data heldout.json   # exact match and loss on Alpaca records
 
 As a library: `generate(model, tokenizer, prompts)` takes prompt texts that are already formatted (see
 `data.format_prompt`) and returns the answers; `generate_ids` does the same on token ids.
@@ -16,11 +17,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import NoReturn
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data import format_prompt
-from model import Transformer, load_model, read_args
+from data import _parse_records, format_prompt, load_dataset, rank_micro_batches
+from model import ModelArgs, Transformer, load_model, read_args
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL_PATH = "out"  # where train.py writes its final model by default
@@ -199,6 +201,35 @@ def generate(
     return [tokenizer.decode(ids) for ids in answer_ids]
 
 
+@torch.inference_mode()
+def evaluate(
+    model: Transformer, tokenizer: Tokenizer, data_path: str, batch_size: int = 8, max_new_tokens: int = 256
+) -> tuple[int, int, float]:
+    """(exact matches, records, mean loss per supervised token) of the model on an Alpaca file. An answer
+    matches when the greedy answer and the record's output are equal once stripped of surrounding whitespace.
+    The loss is teacher-forced on the tokens and labels that training uses (data.load_dataset), so it compares
+    with the loss train.py logs. Records whose prompt alone fills the model's context are left out of both."""
+    dataset = load_dataset(data_path, tokenizer, model.args.max_seq_len)
+    with open(data_path, "rb") as f:
+        all_records = _parse_records(f.read(), data_path)
+    records = [all_records[i] for i in dataset.source_indices]
+    device = model.embed_tokens.weight.device
+    matches, summed_loss = 0, 0.0
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        prompts = [format_prompt(instruction, input) for instruction, input, _ in batch]
+        answers = generate(model, tokenizer, prompts, max_new_tokens)
+        matches += sum(answer.strip() == output.strip() for answer, (*_, output) in zip(answers, batch, strict=True))
+        # Right padding follows every real token, so the causal mask hides it from them, and it has no label:
+        # any id will do.
+        (tokens,) = rank_micro_batches(
+            dataset, np.arange(start, start + len(batch)), 0, 1, len(batch), False, model.args.max_seq_len, pad_id=0
+        )
+        summed_loss += model(tokens.input_ids.to(device), labels=tokens.labels.to(device)).item()
+    n_supervised = sum(dataset.n_supervised(i) for i in range(len(dataset)))
+    return matches, len(records), summed_loss / n_supervised
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -253,6 +284,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="prompts from FILE ('-': stdin), run in batches: Alpaca JSON (a list of records with instruction "
         "and optional input; detected by the leading '[') or one prompt per line",
     )
+    parser.add_argument(
+        "--eval_data",
+        metavar="FILE",
+        help="instead of answering prompts, score the model on an Alpaca JSON file: greedy answers that equal the "
+        "records' outputs (exact match) and the mean loss on the supervised tokens",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default: 8)")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="answer length limit (default: 256)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default: 0.7)")
@@ -278,8 +315,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     parser.error = fail
     args = parser.parse_args(argv)
-    if (args.prompt is None) == (args.prompts is None):
-        fail("give one prompt, or --prompts FILE (or - for stdin)")
+    if [args.prompt, args.prompts, args.eval_data].count(None) != 2:
+        fail("give one prompt, or --prompts FILE (or - for stdin), or --eval_data FILE")
+    if args.eval_data is not None and (args.raw or args.input is not None):
+        fail("--eval_data takes the instructions and inputs from its records, in the Alpaca template")
     if args.prompts is not None and args.input is not None:
         fail("--input goes with a single prompt; give inputs in Alpaca JSON records with --prompts")
     if args.raw and args.input is not None:
@@ -317,7 +356,38 @@ def print_stream(stream: TextStream, tokens: list[int]) -> None:
     print(stream.add(tokens[0]), end="", flush=True)
 
 
+def load_tokenizer(args: argparse.Namespace) -> tuple[ModelArgs, Tokenizer]:
+    model_args = read_args(args.model_path)  # a bad directory or tokenizer fails fast, before the slow load
+    tokenizer = Tokenizer(args.tokenizer or os.path.join(args.model_path, "tokenizer.model"))
+    if tokenizer.n_words > model_args.vocab_size:
+        raise ValueError(
+            f"{tokenizer.model_path} has {tokenizer.n_words} pieces but the model in {args.model_path} only "
+            f"{model_args.vocab_size} embedding rows: wrong tokenizer?"
+        )
+    return model_args, tokenizer
+
+
+def load_weights(args: argparse.Namespace) -> Transformer:
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model = load_model(args.model_path, dtype=dtype, device=device)
+    if device.type == "cpu" and dtype == torch.float32:
+        use_cpu_decoding_layout(model)
+    return model
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    model_args, tokenizer = load_tokenizer(args)
+    load_dataset(args.eval_data, tokenizer, model_args.max_seq_len)  # every record checked before the slow load
+    model = load_weights(args)
+    matches, n_records, loss = evaluate(model, tokenizer, args.eval_data, args.batch_size, args.max_new_tokens)
+    print(f"exact match {matches}/{n_records} = {matches / n_records:.1%}   supervised-token loss {loss:.4f}")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.eval_data is not None:
+        run_eval(args)
+        return
     if args.prompts is not None:
         prompts = read_prompts(args.prompts)
         if not prompts:
@@ -332,20 +402,10 @@ def run(args: argparse.Namespace) -> None:
     else:
         texts = [format_prompt(instruction, input) for instruction, input in prompts]
 
-    device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model_args = read_args(args.model_path)  # a bad directory or tokenizer fails fast, before the slow load
-    tokenizer = Tokenizer(args.tokenizer or os.path.join(args.model_path, "tokenizer.model"))
-    if tokenizer.n_words > model_args.vocab_size:
-        raise ValueError(
-            f"{tokenizer.model_path} has {tokenizer.n_words} pieces but the model in {args.model_path} only "
-            f"{model_args.vocab_size} embedding rows: wrong tokenizer?"
-        )
+    model_args, tokenizer = load_tokenizer(args)
     prompt_ids = [tokenizer.encode(text, bos=True) for text in texts]
     check_prompt_lengths(prompt_ids, model_args.max_seq_len)  # all of them, before the first batch runs
-    model = load_model(args.model_path, dtype=dtype, device=device)
-    if device.type == "cpu" and dtype == torch.float32:
-        use_cpu_decoding_layout(model)
+    model = load_weights(args)
 
     for start in range(0, len(prompts), args.batch_size):
         batch = prompt_ids[start : start + args.batch_size]
