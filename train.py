@@ -66,6 +66,7 @@ SAMPLE_DEFAULTS = dict(
     per_device_train_batch_size=16,
     gradient_accumulation_steps=1,
     warmup_ratio=0.05,
+    adam_beta2=0.95,  # LLaMA's pretraining value: from scratch, it learnt the sample's tasks in fewer steps
     model_max_length=256,
     save_strategy="no",
     logging_steps=10,
