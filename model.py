@@ -140,9 +140,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 whatever the compute dtype: bf16 loses too much in the mean of squares.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -171,8 +169,8 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: Tensor, k: Tensor, v: Tensor, used: int) -> tuple[Tensor, Tensor]:
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
         return self.k[:, :, :used], self.v[:, :, :used]
 
 
@@ -194,10 +192,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(cache_slots, k, v, used=mask.shape[-1])
+            q = q.to(k.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -265,11 +264,12 @@ class Transformer(nn.Module):
             return self.lm_head(h)
         return chunked_cross_entropy(h, self.lm_head.weight, labels)
 
-    def setup_cache(self, batch_size: int, max_len: int) -> None:
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """A KV cache for every layer, in `dtype` (default: the weights'); attention then runs in that dtype."""
         p = self.embed_tokens.weight
         for layer in self.layers:
             a = self.args
-            layer.self_attn.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device)
+            layer.self_attn.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or p.dtype, p.device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:

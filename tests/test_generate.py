@@ -78,6 +78,23 @@ def test_greedy_matches_transformers(model_dir, tokenizer, layout):
         assert answer == expected
 
 
+def test_bf16_decoding_layout_agrees_with_transformers(model_dir, tokenizer):
+    """In bf16 the CPU layout swaps every linear layer for oneDNN-packed weights: over a prompt and the answer
+    it decoded, the logits stay those of transformers' bf16 model up to bf16 rounding."""
+    reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = load_model(str(model_dir), dtype=torch.bfloat16)
+    use_cpu_decoding_layout(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    prompt_ids = encode_all(tokenizer, PROMPTS[:1])
+    answer = generate_ids(model, prompt_ids, 32, eos_id=-1)[0]
+    tokens = torch.tensor([prompt_ids[0] + answer])
+    with torch.inference_mode():
+        expected = reference(tokens).logits.float()
+        ours = model(tokens).float()
+    assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+    assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
 def test_batch_matches_one_by_one(model, tokenizer):
     prompt_ids = [tokenizer.encode(p, bos=True) for p in ["Hi", PROMPTS[0], format_prompt(PROMPTS[2])]]
     assert len({len(ids) for ids in prompt_ids}) == 3
