@@ -277,30 +277,34 @@ class Transformer(nn.Module):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of the logits h @ weight.T over labels that are not -100, a chunk of tokens at a
-    time, with the gradients worked out in the forward pass. The fp32 (tokens, vocab) logits never exist
-    whole, no logits are kept for backward, and the output projection is not recomputed: backward only
-    scales the stored gradients (the loss is a sum, so d loss / d logits = softmax - one_hot)."""
+    """Summed cross-entropy of the logits h @ weight.T over the labels that are not -100, with the gradients
+    worked out in the forward pass. Only supervised positions are projected at all: the others (prompt, padding)
+    have no loss, so their logits would be thrown away and their gradient is zero. Those positions go a chunk at
+    a time, so the fp32 (tokens, vocab) logits never exist whole; no logits are kept for backward and the output
+    projection is not recomputed: backward only scales the stored gradients (the loss is a sum, so
+    d loss / d logits = softmax - one_hot)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
         want_grads = any(ctx.needs_input_grad[:2])
+        # -100 is IGNORE_INDEX in data.py and PyTorch's default ignore_index. On CUDA, nonzero waits for the
+        # forward to finish (one sync per micro-batch); the backward's work is queued right after.
+        supervised = (labels != -100).nonzero().squeeze(1)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if want_grads else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
-        for i in range(0, h.shape[0], chunk):
-            h_chunk, label_chunk = h[i : i + chunk], labels[i : i + chunk]
-            logits = F.linear(h_chunk, weight).float()
-            supervised = label_chunk != -100  # IGNORE_INDEX in data.py, PyTorch's default ignore_index
-            target = label_chunk.clamp(min=0)[:, None]
-            log_norm = logits.logsumexp(dim=-1, keepdim=True)
-            total += ((log_norm - logits.gather(1, target)).squeeze(1) * supervised).sum()
+        grad_h = torch.zeros_like(h) if want_grads else None
+        grad_weight = torch.zeros_like(weight) if want_grads and len(supervised) == 0 else None
+        for rows in supervised.split(chunk):
+            h_chunk, target = h[rows], labels[rows, None]
+            log_probs = F.linear(h_chunk, weight).log_softmax(dim=-1, dtype=torch.float32)
+            total -= log_probs.gather(1, target).sum()
             if want_grads:
-                grad = logits.sub_(log_norm).exp_()
+                grad = log_probs.exp_()
                 grad.scatter_add_(1, target, torch.full_like(grad[:, :1], -1.0))
-                grad = (grad * supervised[:, None]).to(h.dtype)
-                grad_h[i : i + chunk] = grad @ weight
-                grad_weight += (grad.T @ h_chunk).float()
+                grad = grad.to(h.dtype)
+                grad_h[rows] = grad @ weight
+                part = grad.T @ h_chunk
+                # One chunk (the usual case) is the gradient as it is; several add up in fp32.
+                grad_weight = part if grad_weight is None else grad_weight.float().add_(part)
         if want_grads:
             ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype))
         return total
@@ -329,17 +333,16 @@ def count_parameters(args: ModelArgs) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): 6 per matmul weight, plus attention's
-    QK^T and AV at 6 * 2 * n_layers * seq_len * n_heads * head_dim, halved for causality (PaLM's count,
-    with the causal half that SDPA skips)."""
+def training_flops(args: ModelArgs, seq_lens: list[int], n_supervised: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of sequences of these lengths that hold n_supervised
+    supervised tokens: 6 per decoder matmul weight per token; 6 per output-projection weight per supervised token,
+    the only logits the loss needs (and all that LinearCrossEntropy computes); and attention's QK^T and AV at
+    6 * 2 * n_layers * seq_len * n_heads * head_dim per token, halved for causality (PaLM's count, with the causal
+    half that SDPA skips)."""
     a = args
-    matmul_params = (
-        a.n_layers * (a.dim * a.head_dim * (a.n_heads * 2 + a.n_kv_heads * 2) + 3 * a.dim * a.hidden_dim)
-        + a.dim * a.vocab_size
-    )
-    attention = 6 * a.n_layers * seq_len * a.n_heads * a.head_dim
-    return 6 * matmul_params + attention
+    layer_weights = a.n_layers * (a.dim * a.head_dim * (a.n_heads * 2 + a.n_kv_heads * 2) + 3 * a.dim * a.hidden_dim)
+    attention = sum(6 * a.n_layers * n * n * a.n_heads * a.head_dim for n in seq_lens)
+    return 6 * layer_weights * sum(seq_lens) + 6 * a.dim * a.vocab_size * n_supervised + attention
 
 
 # ---------------------------------------------------------------------------------------------------------

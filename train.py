@@ -9,6 +9,7 @@ line runs as written. Every rank holds only its FSDP shards of weights, gradient
 
 import argparse
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -41,10 +42,10 @@ from model import (
     check_shape,
     count_parameters,
     document_mask,
-    flops_per_token,
     iter_checkpoint,
     read_args,
     save_hf_checkpoint,
+    training_flops,
 )
 from tokenizer import Tokenizer
 
@@ -186,6 +187,18 @@ def check_args(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Distributed setup, model and weights
+
+
+def keep_freed_memory() -> None:
+    """Has glibc serve large host allocations from its heap and keep what is freed, instead of mapping each one
+    afresh and unmapping it when freed: otherwise every large temporary of a CPU step (logits, gathered weights,
+    gradients) is paid again in page faults, which made large copies 3-8x slower (BENCHMARKS.md). Peak memory
+    is unchanged, as each step reuses what the previous one freed. Elsewhere than glibc, nothing changes."""
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -661,7 +674,8 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
     lengths = [len(ids) for ids in dataset.ids]
     scale = records / len(dataset)  # --dry_run_records: the same length distribution, more records
     tokens_per_epoch = sum(lengths) * scale
-    flops_per_epoch = sum(n * flops_per_token(a, n) for n in lengths) * scale
+    supervised = sum(dataset.n_supervised(i) for i in range(len(dataset)))
+    flops_per_epoch = training_flops(a, lengths, supervised) * scale
     padding = padding_fraction(dataset, global_batch, micro, args.packing, args.model_max_length, pad_id, args.seed)
 
     # FSDP keeps 1/ranks of the fp32 weights, gradients and both AdamW moments on each rank; accumulating
@@ -707,6 +721,7 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
 
 
 def train(args: argparse.Namespace) -> None:
+    keep_freed_memory()
     rank, world_size, device = setup_distributed()
     is_main = rank == 0
     if device.type == "cuda":
@@ -803,7 +818,7 @@ def train(args: argparse.Namespace) -> None:
         lengths = [len(dataset.ids[i]) for i in records]
         window_tokens += sum(lengths)
         window_supervised += n_supervised
-        window_flops += sum(n * flops_per_token(model_args, n) for n in lengths)
+        window_flops += training_flops(model_args, lengths, n_supervised)
         bar.update(1)
         if done % args.logging_steps == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start

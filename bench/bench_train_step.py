@@ -3,10 +3,12 @@
     python bench/bench_train_step.py [--dim 512 --layers 8 --records 8 --micro_batch 4 --steps 3]
 
 Both sides: the same random weights (vocab 32001 with [PAD]), the first `--records` records of
-alpaca_sample.json padded as the original pipeline does, bf16 compute with fp32 master weights, AdamW
-(foreach), gradient clipping at 1.0, accumulation over micro-batches. Ours is what train.py runs: FSDP2 with a
-bf16 MixedPrecisionPolicy (a one-process gloo group here), loss summed and divided by the step's supervised
-tokens, chunked cross-entropy. Reference: transformers with torch.autocast(bfloat16), loss from `labels=`.
+alpaca_sample.json padded as the original pipeline does, bf16 compute with fp32 master weights, AdamW (lr 1e-5,
+no weight decay), gradient clipping at 1.0, accumulation over micro-batches. Ours is train.py's own
+build_model / make_optimizer / train_step: FSDP2 with a bf16 MixedPrecisionPolicy (a one-process gloo group
+here), fused AdamW, loss summed and divided by the step's supervised tokens, the fused linear cross-entropy.
+Reference: transformers with torch.autocast(bfloat16), loss from `labels=`, AdamW as torch builds it by default
+(foreach).
 Each side runs in its own process so that peak resident memory (VmHWM) is its own. Prints supervised tokens/s,
 achieved FLOP/s against a bf16 matmul measured in the same run, peak memory, and the ratios.
 """
@@ -25,7 +27,7 @@ sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 from data import IGNORE_INDEX, load_dataset, rank_micro_batches  # noqa: E402
-from model import ModelArgs, Transformer, flops_per_token  # noqa: E402
+from model import ModelArgs, Transformer, training_flops  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -61,31 +63,22 @@ def random_weights(args: ModelArgs) -> dict[str, torch.Tensor]:
 
 
 def run_ours(args: ModelArgs, micro, n_supervised: int, steps: int) -> list[float]:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    import train
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    model = Transformer(args)
-    model.load_state_dict(random_weights(args))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    mesh = init_device_mesh("cpu", (1,))
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, foreach=True)
+    train.keep_freed_memory()
+    train.setup_distributed()
+    flags = ["--model_name_or_path", "-", "--data_path", "-", "--bf16", "True", "--weight_decay", "0"]
+    train_args = train.parse_args(flags)
+    model = train.build_model(args, train_args, torch.device("cpu"))
+    with torch.no_grad():
+        for name, weight in random_weights(args).items():
+            model.get_parameter(name).to_local().copy_(weight)
+    optimizer = train.make_optimizer(model, train_args)
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        for i, batch in enumerate(micro):
-            model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss = model(batch.input_ids, labels=batch.labels)
-            (loss / n_supervised).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train.train_step(model, optimizer, micro, n_supervised, 1e-5, train_args, torch.device("cpu"))
         times.append(time.perf_counter() - start)
-    dist.destroy_process_group()
     return times[1:]
 
 
@@ -146,7 +139,7 @@ def main() -> None:
             best = results.setdefault(side, r)
             results[side] = {"step_s": min(best["step_s"], r["step_s"]), "peak_gb": max(best["peak_gb"], r["peak_gb"])}
     peak = matmul_peak_flops()
-    step_flops = sum(n * flops_per_token(args, n) for n in lengths)
+    step_flops = training_flops(args, lengths, n_supervised)
     print(f"model dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}; {a.records} real records, "
           f"{n_supervised} supervised tokens, micro-batches of {a.micro_batch} padded; bf16 matmul peak "
           f"{peak / 1e9:.0f} GFLOP/s (2048^3)")  # fmt: skip

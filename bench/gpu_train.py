@@ -5,8 +5,9 @@
 Writes a random bf16 checkpoint with 7B's shapes (dim 4096, 32 heads, SwiGLU 11008, vocab 32000) and
 `--layers` decoder layers, then runs train.py under torchrun (NCCL, FSDP, bf16) on real Alpaca records:
 packed, packed with --compile, and padded (the original batching). Prints supervised tokens/s, MFU against the
-GPU's dense bf16 peak (the FLOP count is model.flops_per_token: 6 x matmul weights + causal attention per real
-token) and peak memory, each the mean over the steps after warm-up, and the ratio of packed to padded.
+GPU's dense bf16 peak (the FLOP count is model.training_flops: 6 x decoder matmul weights + causal attention per
+real token, 6 x output weights per supervised token) and peak memory, each the mean over the steps after warm-up,
+and the ratio of packed to padded.
 """
 
 import argparse

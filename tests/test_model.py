@@ -160,6 +160,13 @@ def test_fused_loss_matches_cross_entropy_and_its_gradients(chunk):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)  # fp32, summed in another order
 
 
+def test_fused_loss_without_supervised_tokens_is_zero():
+    h, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    loss = chunked_cross_entropy(h, weight, torch.full((2, 5), -100))
+    assert loss.item() == 0
+    assert all(not g.any() for g in torch.autograd.grad(loss, (h, weight)))
+
+
 def write_meta_checkpoint(model: Transformer, out_dir, n_shards: int) -> None:
     """Meta's layout: interleaved q/k, Meta names, tensors split over model-parallel shards."""
     a = model.args
