@@ -235,6 +235,12 @@ def _write_cache(path: str, dataset: Dataset) -> None:
             os.remove(tmp)
 
 
+def read_records(data_path: str) -> list[tuple[str, str, str]]:
+    """(instruction, input, output) of every record of an Alpaca JSON or JSON Lines file, validated."""
+    with open(data_path, "rb") as f:
+        return _parse_records(f.read(), data_path)
+
+
 def load_dataset(
     data_path: str, tokenizer: Tokenizer, model_max_length: int = 512, cache_dir: str | None = None
 ) -> Dataset:

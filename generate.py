@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data import _parse_records, format_prompt, load_dataset, rank_micro_batches
+from data import format_prompt, load_dataset, rank_micro_batches, read_records
 from model import ModelArgs, Transformer, load_model, read_args
 from tokenizer import Tokenizer
 
@@ -232,8 +232,7 @@ def evaluate(
     The loss is teacher-forced on the tokens and labels that training uses (data.load_dataset), so it compares
     with the loss train.py logs. Records whose prompt alone fills the model's context are left out of both."""
     dataset = load_dataset(data_path, tokenizer, model.args.max_seq_len)
-    with open(data_path, "rb") as f:
-        all_records = _parse_records(f.read(), data_path)
+    all_records = read_records(data_path)
     records = [all_records[i] for i in dataset.source_indices]
     device = model.embed_tokens.weight.device
     matches, summed_loss = 0, 0.0

@@ -863,6 +863,9 @@ def train(args: argparse.Namespace) -> None:
     else:
         for _ in tensors:
             pass
+    # The ranks leave together: one that tore its process group down while rank 0 was still writing the export
+    # once aborted at exit ("terminate called without an active exception", gloo, after a torchrun restart).
+    dist.barrier()
 
 
 def main() -> None:
