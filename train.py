@@ -189,12 +189,16 @@ def check_args(args: argparse.Namespace) -> None:
 # Distributed setup, model and weights
 
 
-def keep_freed_memory() -> None:
-    """For training on the CPU: has glibc serve large allocations from its heap and keep what is freed, instead of
-    mapping each one afresh and unmapping it when freed. Otherwise every large temporary of a step (logits,
-    gathered weights, gradients) is paid again in page faults, which made large copies 3-8x slower and a whole
-    step 1.3x slower. The price is memory that stays resident once used: peak RSS +0% at dim 512, +21% at dim
-    1024 (BENCHMARKS.md). Elsewhere than glibc, nothing changes."""
+def tune_cpu_allocations() -> None:
+    """For training on the CPU, two changes to how memory is reused:
+    - glibc serves large allocations from its heap and keeps what is freed, instead of mapping each one afresh
+      and unmapping it when freed. Otherwise every large temporary of a step (logits, gathered weights,
+      gradients) is paid again in page faults, which made large copies 3-8x slower and a step 1.3x slower. The
+      price is memory that stays resident once used (BENCHMARKS.md).
+    - oneDNN keeps 64 compiled bf16 matmuls instead of 1024. Each new micro-batch length adds a few, up to ~10 MB
+      each, so a 2-process epoch of padded batches grew to 12.9 GB per rank before its cache was full.
+    Elsewhere than glibc, the first does nothing; a ONEDNN_PRIMITIVE_CACHE_CAPACITY already set is kept."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")  # read when oneDNN builds its first matmul
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
@@ -725,7 +729,7 @@ def train(args: argparse.Namespace) -> None:
     rank, world_size, device = setup_distributed()
     is_main = rank == 0
     if device.type == "cpu":
-        keep_freed_memory()
+        tune_cpu_allocations()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         # cuDNN attention plans anew for every sequence length (~30 ms of CPU per call, measured on H100), and

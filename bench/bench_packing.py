@@ -1,8 +1,8 @@
 """A whole epoch of alpaca_sample.json through train.py: packed rows against the original padded batches.
 
-    python bench/bench_packing.py [--dim 128 --layers 2 --nproc 2]
+    python bench/bench_packing.py [--dim 512 --layers 4 --nproc 2]
 
-Both runs train the same random tiny LLaMA (real 32000-piece tokenizer, bf16) on the same records per step
+Both runs train the same random small LLaMA (real 32000-piece tokenizer, bf16) on the same records per step
 (micro-batch 4, accumulation 4, the same seed), under torchrun with `--nproc` gloo processes. Prints the
 supervised tokens/s of each over the epoch (wall time of the training loop, from metrics.jsonl), their ratio,
 and both loss curves at a few points, which should have the same shape (the same records per step).
@@ -36,8 +36,8 @@ def run(model: str, out: str, packing: bool, nproc: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--nproc", type=int, default=2)
     a = p.parse_args()
     args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.dim // 32, hidden_dim=a.dim * 8 // 3, vocab_size=32000)

@@ -65,7 +65,7 @@ def random_weights(args: ModelArgs) -> dict[str, torch.Tensor]:
 def run_ours(args: ModelArgs, micro, n_supervised: int, steps: int) -> list[float]:
     import train
 
-    train.keep_freed_memory()
+    train.tune_cpu_allocations()
     train.setup_distributed()
     flags = ["--model_name_or_path", "-", "--data_path", "-", "--bf16", "True", "--weight_decay", "0"]
     train_args = train.parse_args(flags)
