@@ -147,7 +147,8 @@ def use_cpu_decoding_layout(model: Transformer) -> None:
     """Stores every linear weight in the layout the CPU's matrix-vector products read fastest; the values do not
     change. Decoding one row multiplies a vector by each weight in turn, which is memory-bound (BENCHMARKS.md):
     - fp32: the same shape with column-major strides, which MKL streams 1.1-2.2x faster than row-major;
-    - bf16: oneDNN's packed layout, which its bf16 products stream about 2x faster than a plain weight.
+    - bf16: oneDNN's packed layout, which its bf16 products stream about 2x faster than a plain weight (on CPUs
+      with native bf16 products; others keep the weights as they are).
     CUDA's products (cuBLAS) read either layout alike, so they need no change."""
     for module in list(model.modules()):
         for name, child in module.named_children():
@@ -155,7 +156,7 @@ def use_cpu_decoding_layout(model: Transformer) -> None:
                 continue
             if child.weight.dtype == torch.float32 and child.weight.stride(0) != 1:
                 child.weight.data = child.weight.data.t().contiguous().t()
-            elif child.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            elif child.weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 packed = PackedLinear(child.weight)
                 if child is model.lm_head:  # the loss (`labels=`) reads lm_head.weight itself
                     packed.weight = child.weight
