@@ -136,6 +136,10 @@ class Dataset:
         """Supervised targets of record i once labels are shifted: the labels != -100 among positions 1.."""
         return len(self.ids[i]) - int(self.prompt_lens[i])
 
+    def total_supervised(self) -> int:
+        """Supervised targets of all records."""
+        return sum(self.n_supervised(i) for i in range(len(self)))
+
     def labels(self, i: int) -> np.ndarray:
         """Record i's labels as the original pipeline built them: ids with the prompt masked, not shifted."""
         labels = self.ids[i].astype(np.int64)
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         n_records = len(dataset) + dataset.dropped
         lengths = dataset.untruncated_lens
         n_truncated = int((lengths > args.model_max_length).sum())
-        n_supervised = sum(dataset.n_supervised(i) for i in range(len(dataset)))
+        n_supervised = dataset.total_supervised()
         print(f"{args.data}: {n_records} records, {len(dataset)} kept")
         limit = args.model_max_length
         print(f"dropped: {dataset.dropped} (no supervised token left: the prompt alone fills {limit} tokens)")

@@ -248,8 +248,7 @@ def evaluate(
             dataset, np.arange(start, start + len(batch)), 0, 1, len(batch), False, model.args.max_seq_len, pad_id=0
         )
         summed_loss += model(tokens.input_ids.to(device), labels=tokens.labels.to(device)).item()
-    n_supervised = sum(dataset.n_supervised(i) for i in range(len(dataset)))
-    return matches, len(records), summed_loss / n_supervised
+    return matches, len(records), summed_loss / dataset.total_supervised()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -679,8 +679,7 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
     lengths = [len(ids) for ids in dataset.ids]
     scale = records / len(dataset)  # --dry_run_records: the same length distribution, more records
     tokens_per_epoch = sum(lengths) * scale
-    supervised = sum(dataset.n_supervised(i) for i in range(len(dataset)))
-    flops_per_epoch = training_flops(a, lengths, supervised) * scale
+    flops_per_epoch = training_flops(a, lengths, dataset.total_supervised()) * scale
     padding = padding_fraction(dataset, global_batch, micro, args.packing, args.model_max_length, pad_id, args.seed)
 
     # FSDP keeps 1/ranks of the fp32 weights, gradients and both AdamW moments on each rank; accumulating
