@@ -133,7 +133,7 @@ def generate_ids(
 
 class PackedLinear(nn.Module):
     """A bias-free linear layer whose weight oneDNN has reordered once into its own blocked layout, the form
-    oneDNN's bf16 products read fastest; the plain weight is not kept."""
+    oneDNN's products read fastest; the plain weight is not kept."""
 
     def __init__(self, weight: Tensor):
         super().__init__()
@@ -144,23 +144,24 @@ class PackedLinear(nn.Module):
 
 
 def use_cpu_decoding_layout(model: Transformer) -> None:
-    """Stores every linear weight in the layout the CPU's matrix-vector products read fastest; the values do not
-    change. Decoding one row multiplies a vector by each weight in turn, which is memory-bound (BENCHMARKS.md):
-    - fp32: the same shape with column-major strides, which MKL streams 1.1-2.2x faster than row-major;
-    - bf16: oneDNN's packed layout, which its bf16 products stream about 2x faster than a plain weight (on CPUs
-      with native bf16 products; others keep the weights as they are).
-    CUDA's products (cuBLAS) read either layout alike, so they need no change."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if not isinstance(child, nn.Linear):
-                continue
-            if child.weight.dtype == torch.float32 and child.weight.stride(0) != 1:
-                child.weight.data = child.weight.data.t().contiguous().t()
-            elif child.weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                packed = PackedLinear(child.weight)
-                if child is model.lm_head:  # the loss (`labels=`) reads lm_head.weight itself
-                    packed.weight = child.weight
-                setattr(module, name, packed)
+    """Stores every linear weight in oneDNN's packed layout, the one the CPU's matrix-vector products read
+    fastest, with q/k/v and gate/up fused (Transformer.fuse_projections); the values do not change. Decoding one
+    row multiplies a vector by each weight in turn, which is memory-bound, and oneDNN streams packed weights
+    1.2-2.2x faster than MKL reads plain ones (BENCHMARKS.md). Needs oneDNN, and for bf16 a CPU with native bf16
+    products; otherwise the model stays as it is. CUDA's products (cuBLAS) need no such change."""
+    dtype = model.embed_tokens.weight.dtype
+    packable = torch.backends.mkldnn.is_available() and (
+        dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+    if not packable:
+        return
+    model.fuse_projections(PackedLinear)
+    for layer in model.layers:
+        layer.self_attn.o_proj = PackedLinear(layer.self_attn.o_proj.weight)
+        layer.mlp.down_proj = PackedLinear(layer.mlp.down_proj.weight)
+    lm_head = PackedLinear(model.lm_head.weight)
+    lm_head.weight = model.lm_head.weight  # the loss (`labels=`) reads lm_head.weight itself
+    model.lm_head = lm_head
 
 
 class TextStream:

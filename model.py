@@ -8,7 +8,7 @@ Meta's `consolidated.NN.pth` checkpoints are renamed and have q/k permuted from 
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -182,13 +182,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one product: see Transformer.fuse_projections
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache_slots: Tensor | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(cache_slots, k, v, used=mask.shape[-1])
@@ -205,9 +211,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # see Transformer.fuse_projections
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -274,6 +285,25 @@ class Transformer(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.cache = None
+
+    @torch.no_grad()
+    def fuse_projections(self, make_linear: Callable[[Tensor], nn.Module] | None = None) -> None:
+        """For inference: every layer's q, k and v projections become one product, and so do gate and up, built
+        by make_linear from the concatenated weights (default: a plain bias-free linear layer). Decoding one row
+        is memory-bound, and fewer, larger products stream their weights faster. The separate weights are
+        dropped, so the model no longer has HF's parameter names: do not save or train it after this."""
+        make_linear = make_linear or _linear_with_weight
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = make_linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+            mlp.gate_up_proj = make_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+
+
+def _linear_with_weight(weight: Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight)
+    return linear
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -1,8 +1,8 @@
 """Decoding speed of generate.py against transformers' generate: the same random LLaMA, the same prompt, greedy,
 batch 1, in one process. Each side is warmed up, then timed several times in alternation (so that a noisy
 neighbour slows all alike); tokens/s counts the whole call, prefill included. generate.py runs as its command
-line does on the CPU (weights in the layout the CPU's products read fastest: transposed in fp32,
-oneDNN-packed in bf16) and, to show what that layout is worth, as loaded.
+line does on the CPU (weights oneDNN-packed, q/k/v and gate/up fused: `use_cpu_decoding_layout`) and, to show
+what that layout is worth, as loaded.
 
     python bench/bench_generate.py --dim 512 --threads 1 --runs 7
 """

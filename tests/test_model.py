@@ -78,6 +78,10 @@ def test_logits_match_transformers_both_ways(name, tmp_path, tokenizer_model):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
     assert (hf_logits(back, tokens) - our_logits(ours, tokens)).abs().max() <= 1e-5
 
+    ours.fuse_projections()  # one product for q, k, v and one for gate, up (generate.py's CPU layout)
+    assert not any(hasattr(layer.self_attn, "q_proj") or hasattr(layer.mlp, "up_proj") for layer in ours.layers)
+    assert (our_logits(ours, tokens) - hf_logits(ref, tokens)).abs().max() <= 1e-5
+
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_bf16_argmax_agrees(name, tmp_path):
