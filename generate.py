@@ -105,8 +105,7 @@ def generate_ids(
 
     answers = torch.empty(batch_size, steps, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    # On the CPU, attention of one query runs about 4x faster in fp32 than in bf16 (BENCHMARKS.md).
-    model.setup_cache(batch_size, prompt_len + steps, torch.float32 if device.type == "cpu" else None)
+    model.setup_cache(batch_size, prompt_len + steps)
     try:
         logits = model(tokens, positions[:, :prompt_len], prefill_mask[:, None], slots[:prompt_len])
         for step in range(steps):

@@ -158,6 +158,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """fp32 on the CPU, whatever the weights: there PyTorch's bf16 attention is slower than fp32 (1.3-1.6x in
+    training, 4x for one query in decoding; BENCHMARKS.md), and fp32 is the more exact. Elsewhere x's dtype."""
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values (B, n_kv_heads, max_len, head_dim), written at given slots, so each
     decoding step costs the same and nothing is reallocated."""
@@ -196,12 +202,13 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dtype = attention_dtype(x)
         if self.cache is not None:
             k, v = self.cache.update(cache_slots, k, v, used=mask.shape[-1])
-            q = q.to(k.dtype)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+            q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # fmt: skip
         return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -275,12 +282,11 @@ class Transformer(nn.Module):
             return self.lm_head(h)
         return chunked_cross_entropy(h, self.lm_head.weight, labels)
 
-    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """A KV cache for every layer, in `dtype` (default: the weights'); attention then runs in that dtype."""
-        p = self.embed_tokens.weight
+    def setup_cache(self, batch_size: int, max_len: int) -> None:
+        """A KV cache for every layer, in the dtype attention runs in."""
+        p, a = self.embed_tokens.weight, self.args
         for layer in self.layers:
-            a = self.args
-            layer.self_attn.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or p.dtype, p.device)
+            layer.self_attn.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, attention_dtype(p), p.device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
