@@ -1,5 +1,5 @@
 """Faults and bad input: a rank killed mid-run or mid-save, half-written checkpoints, a diverging loss, 30 bad
-inputs, and resident memory over 300 steps.
+inputs, and resident memory over 300 steps and over steps of ever new lengths.
 
 Under torchrun a failing worker makes torchrun print its own multi-line report, with a traceback of torchrun
 itself: there the checks are that our one `error: ` line appears exactly once and that no traceback passes
@@ -205,6 +205,35 @@ def test_memory_stays_flat_over_300_steps(small_vocab_model, small_data, tmp_pat
     peak = {m["step"]: m["peak_memory_gb"] for m in metrics(tmp_path)}
     assert len(peak) == 300
     assert peak[300] <= 1.05 * peak[30], (peak[30], peak[300])
+
+
+NEW_LENGTH_EVERY_STEP = """
+import sys, torch
+import train
+from model import ModelArgs, Transformer
+train.tune_cpu_allocations()
+torch.manual_seed(0)
+model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000)).to(torch.bfloat16)
+optimizer = torch.optim.AdamW(model.parameters())
+rss = []
+for length in range(8, 158):
+    tokens = torch.randint(0, 1000, (1, length))
+    model(tokens, labels=tokens).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    rss.append(int(open("/proc/self/statm").read().split()[1]))
+print(rss[29], rss[-1])
+"""
+
+
+def test_memory_stays_flat_when_every_step_has_a_new_length():
+    """bf16 matmuls on the CPU are compiled per shape and cached, up to 1024 of them in each of two caches
+    unless train.tune_cpu_allocations caps them: 150 steps, each one token longer than the last. Uncapped,
+    resident memory grew by 60% between step 30 and step 150."""
+    out = subprocess.run([sys.executable, "-c", NEW_LENGTH_EVERY_STEP], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    at_30, at_150 = map(int, out.stdout.split())
+    assert at_150 <= 1.05 * at_30, (at_30, at_150)
 
 
 # ---------------------------------------------------------------------------------------------------------
