@@ -208,7 +208,7 @@ def test_memory_stays_flat_over_300_steps(small_vocab_model, small_data, tmp_pat
 
 
 NEW_LENGTH_EVERY_STEP = """
-import sys, torch
+import torch
 import train
 from model import ModelArgs, Transformer
 train.tune_cpu_allocations()
