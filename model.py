@@ -203,7 +203,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dtype = attention_dtype(x)
-        if self.cache is not None:
+        if cache_slots is not None:
             k, v = self.cache.update(cache_slots, k, v, used=mask.shape[-1])
         y = F.scaled_dot_product_attention(
             q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=mask is None,
@@ -282,11 +282,17 @@ class Transformer(nn.Module):
             return self.lm_head(h)
         return chunked_cross_entropy(h, self.lm_head.weight, labels)
 
-    def setup_cache(self, batch_size: int, max_len: int) -> None:
-        """A KV cache for every layer, in the dtype attention runs in."""
+    def setup_cache(self, batch_size: int, max_len: int) -> int:
+        """A KV cache for every layer, in the dtype attention runs in, of at least max_len slots; returns its
+        length. The cache the model has is kept when it has batch_size rows and enough slots: a compiled
+        decoding step is specialised to its buffers and would compile again for new ones."""
         p, a = self.embed_tokens.weight, self.args
+        cache = self.layers[0].self_attn.cache
+        if cache is not None and cache.k.shape[0] == batch_size and cache.k.shape[2] >= max_len:
+            return cache.k.shape[2]
         for layer in self.layers:
             layer.self_attn.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, attention_dtype(p), p.device)
+        return max_len
 
     def clear_cache(self) -> None:
         for layer in self.layers:

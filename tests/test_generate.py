@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import generate
 from data import format_prompt
-from generate import TextStream, generate_ids, sample, use_cpu_decoding_layout
+from generate import TextStream, compile_decoding, generate_ids, sample, use_cpu_decoding_layout
 from model import load_model
 from tokenizer import Tokenizer
 
@@ -60,15 +60,18 @@ def encode_all(tokenizer, prompts):
     return [tokenizer.encode(format_prompt(p), bos=True) for p in prompts]
 
 
-@pytest.mark.parametrize("layout", ["as loaded", "cpu decoding layout"])
+@pytest.mark.parametrize("layout", ["as loaded", "cpu decoding layout", "compiled"])
 def test_greedy_matches_transformers(model_dir, tokenizer, layout):
     reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model = load_model(str(model_dir))
+    decode_step = None
     if layout == "cpu decoding layout":  # what the command line does on the CPU
         use_cpu_decoding_layout(model)
         assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # all oneDNN-packed
+    elif layout == "compiled":  # --compile
+        decode_step = compile_decoding(model)
     prompt_ids = encode_all(tokenizer, PROMPTS)
-    ours = generate_ids(model, prompt_ids, 64, tokenizer.eos_id)  # one batch, left-padded
+    ours = generate_ids(model, prompt_ids, 64, tokenizer.eos_id, decode_step=decode_step)  # one batch, left-padded
     for ids, answer in zip(prompt_ids, ours, strict=True):
         with torch.inference_mode():
             out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64, pad_token_id=0)
@@ -106,6 +109,22 @@ def test_batch_matches_one_by_one(model, tokenizer):
     singles = [generate_ids(model, [ids], 24, eos)[0] for ids in prompt_ids]
     assert len(singles[1]) <= 5
     assert generate_ids(model, prompt_ids, 24, eos) == singles
+
+
+def test_compiled_step_is_reused_while_the_cache_fits(model_dir, model, tokenizer):
+    """A later call with the same batch size and a shorter prompt + answer runs the compiled step as it is, and
+    still gives the uncompiled model's answers, left padding and an early EOS included."""
+    compiled = load_model(str(model_dir))
+    decode_step = compile_decoding(compiled)
+    generate_ids(compiled, encode_all(tokenizer, PROMPTS), 32, tokenizer.eos_id, decode_step=decode_step)
+    shorter = [tokenizer.encode(p, bos=True) for p in ["Hi", PROMPTS[0], PROMPTS[1]]]
+    expected = generate_ids(model, shorter, 16, tokenizer.eos_id)
+    eos = expected[1][5]  # a token the second row produces, taken as EOS: that row stops early
+    expected_with_eos = generate_ids(model, shorter, 16, eos)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert generate_ids(compiled, shorter, 16, tokenizer.eos_id, decode_step=decode_step) == expected
+        assert generate_ids(compiled, shorter, 16, eos, decode_step=decode_step) == expected_with_eos
+    assert len(expected_with_eos[1]) <= 5
 
 
 def test_context_limit(model, tokenizer):
@@ -294,6 +313,14 @@ def test_cli_prompts_from_file_and_stdin(monkeypatch, tmp_path, model_dir, model
         answer(model, tokenizer, format_prompt(PROMPTS[1])),
     ]
     assert records[0]["input"] == "Cats chase mice."
+
+
+def test_cli_compile_gives_the_same_answers(monkeypatch, tmp_path, model_dir, model, tokenizer):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("\n".join(PROMPTS))
+    args = ["--model_path", str(model_dir), "--temperature", "0", "--max_new_tokens", "40", "--prompts", str(lines)]
+    out = run_cli(monkeypatch, args + ["--compile"])
+    assert out.getvalue() == "\n\n".join(answer(model, tokenizer, format_prompt(p)) for p in PROMPTS) + "\n"
 
 
 @pytest.mark.parametrize(
