@@ -1,8 +1,9 @@
 """Decoding speed of generate.py against transformers' generate: the same random LLaMA, the same prompt, greedy,
 batch 1, in one process. Each side is warmed up, then timed several times in alternation (so that a noisy
 neighbour slows all alike); tokens/s counts the whole call, prefill included. generate.py runs as its command
-line does on the CPU (weights oneDNN-packed, q/k/v and gate/up fused: `use_cpu_decoding_layout`) and, to show
-what that layout is worth, as loaded.
+line does on the CPU (weights oneDNN-packed, q/k/v and gate/up fused: `use_cpu_decoding_layout`), with
+`--compile` (`compile_decoding`; its first call, which compiles, is timed apart and left out) and, to show what
+the CPU layout is worth, as loaded.
 
     python bench/bench_generate.py --dim 512 --threads 1 --runs 7
 """
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import format_prompt  # noqa: E402
-from generate import generate_ids, use_cpu_decoding_layout  # noqa: E402
+from generate import compile_decoding, generate_ids, use_cpu_decoding_layout  # noqa: E402
 from model import load_model  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -59,16 +60,21 @@ def main() -> None:
         hf_model.save_pretrained(model_dir)
         shutil.copyfile(TOKENIZER, os.path.join(model_dir, "tokenizer.model"))
         model = load_model(model_dir, dtype=dtype)
+        compiled = load_model(model_dir, dtype=dtype)
         as_loaded = load_model(model_dir, dtype=dtype)
     finally:
         shutil.rmtree(model_dir)
     use_cpu_decoding_layout(model)  # as generate.py's command line does on the CPU
+    decode_step = compile_decoding(compiled)  # as --compile does
     tokenizer = Tokenizer(str(TOKENIZER))
     prompt = tokenizer.encode(format_prompt("Give three tips for staying healthy."), bos=True)
     n = args.new_tokens
 
     def ours() -> list[int]:
         return generate_ids(model, [prompt], n, tokenizer.eos_id)[0]
+
+    def ours_compiled() -> list[int]:
+        return generate_ids(compiled, [prompt], n, tokenizer.eos_id, decode_step=decode_step)[0]
 
     def ours_as_loaded() -> list[int]:
         return generate_ids(as_loaded, [prompt], n, tokenizer.eos_id)[0]
@@ -79,11 +85,15 @@ def main() -> None:
             out = hf_model.generate(input_ids, do_sample=False, max_new_tokens=n, pad_token_id=tokenizer.eos_id)
         return out[0, len(prompt) :].tolist()
 
-    sides = {"generate.py": ours, "as loaded": ours_as_loaded, "transformers": transformers}
+    sides = {"generate.py": ours, "generate.py --compile": ours_compiled, "as loaded": ours_as_loaded}
+    sides["transformers"] = transformers
+    start = time.perf_counter()
+    ours_compiled()
+    compile_seconds = time.perf_counter() - start
     answers = {name: fn() for name, fn in sides.items()}
     for name, answer in answers.items():  # a random model that said EOS early would time a shorter answer
         assert len(answer) == n, f"{name} stopped after {len(answer)} tokens (EOS): change the seed"
-    same = answers["generate.py"] == answers["as loaded"] == answers["transformers"]
+    same = {name: answer == answers["transformers"] for name, answer in answers.items()}
     for _ in range(args.warmup - 1):
         for fn in sides.values():
             fn()
@@ -99,20 +109,23 @@ def main() -> None:
     params = sum(p.numel() for p in as_loaded.parameters()) / 1e6
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; dim {args.dim}, {args.n_layers} layers, "
-        f"{params:.0f}M parameters, {args.dtype}; prompt {len(prompt)} tokens + {n} new, batch 1, greedy; "
-        f"same tokens: {same}"
+        f"{params:.0f}M parameters, {args.dtype}; prompt {len(prompt)} tokens + {n} new, batch 1, greedy"
     )
-    print(f"{'':28}{'tokens/s, wall clock':>22}{'tokens per CPU second':>24}")
-    print(f"{'':28}{'best':>12}{'median':>10}{'best':>14}{'median':>10}")
+    print(
+        "same tokens as transformers: " + ", ".join(f"{name} {same[name]}" for name in sides if name != "transformers")
+    )
+    print(f"first call of generate.py --compile (compiling): {compile_seconds:.1f} s")
+    print(f"{'':38}{'tokens/s, wall clock':>22}{'tokens per CPU second':>24}")
+    print(f"{'':38}{'best':>12}{'median':>10}{'best':>14}{'median':>10}")
     widths, speed = (12, 10, 14, 10), {}
     for name in sides:
         speed[name] = [n / min(wall[name]), n / statistics.median(wall[name])]
         speed[name] += [n / min(cpu[name]), n / statistics.median(cpu[name])]
-        print(f"{name:28}" + "".join(f"{x:{w}.1f}" for x, w in zip(speed[name], widths, strict=True)))
-    for name in ("generate.py", "as loaded"):
+        print(f"{name:38}" + "".join(f"{x:{w}.1f}" for x, w in zip(speed[name], widths, strict=True)))
+    for name in ("generate.py", "generate.py --compile", "as loaded"):
         ratios = [a / b for a, b in zip(speed[name], speed["transformers"], strict=True)]
         label = f"{name} / transformers"
-        print(f"{label:28}" + "".join(f"{x:{w - 1}.2f}x" for x, w in zip(ratios, widths, strict=True)))
+        print(f"{label:38}" + "".join(f"{x:{w - 1}.2f}x" for x, w in zip(ratios, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,20 @@ def test_bf16_decoding_layout_agrees_with_transformers(model_dir, tokenizer):
     assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16 products")
+def test_bf16_compiled_decoding_agrees_with_transformers(model_dir, tokenizer):
+    """Each token the compiled bf16 step chose greedily is, up to bf16 rounding, the one transformers' bf16
+    model puts first after the same prefix."""
+    reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = load_model(str(model_dir), dtype=torch.bfloat16)
+    prompt_ids = encode_all(tokenizer, PROMPTS[:1])
+    answer = generate_ids(model, prompt_ids, 32, eos_id=-1, decode_step=compile_decoding(model))[0]
+    with torch.inference_mode():
+        logits = reference(torch.tensor([prompt_ids[0] + answer])).logits[0]
+    expected = logits[len(prompt_ids[0]) - 1 : -1].argmax(-1)
+    assert (expected == torch.tensor(answer)).float().mean() >= 0.9
+
+
 def test_batch_matches_one_by_one(model, tokenizer):
     prompt_ids = [tokenizer.encode(p, bos=True) for p in ["Hi", PROMPTS[0], format_prompt(PROMPTS[2])]]
     assert len({len(ids) for ids in prompt_ids}) == 3
