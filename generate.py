@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from data import format_prompt, load_dataset, rank_micro_batches, read_records
-from model import ModelArgs, Transformer, load_model, read_args
+from model import ModelArgs, Transformer, cap_cpu_kernel_caches, load_model, read_args
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL_PATH = "out"  # where train.py writes its final model by default
@@ -425,6 +425,8 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[ModelArgs, Tokenizer]:
 def load_weights(args: argparse.Namespace) -> tuple[Transformer, Callable[..., Tensor] | None]:
     """The model, and the decoding step to pass to generate_ids (None: the model itself)."""
     device = pick_device(args.device)
+    if device.type == "cpu":
+        cap_cpu_kernel_caches()  # each new prompt length would keep a few MB more
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = load_model(args.model_path, dtype=dtype, device=device)
     if args.compile:

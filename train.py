@@ -39,6 +39,7 @@ from model import (
     ModelArgs,
     Transformer,
     add_pad_rows,
+    cap_cpu_kernel_caches,
     check_shape,
     count_parameters,
     document_mask,
@@ -195,13 +196,11 @@ def tune_cpu_allocations() -> None:
       and unmapping it when freed. Otherwise every large temporary of a step (logits, gathered weights,
       gradients) is paid again in page faults, which made large copies 3-8x slower and a step 1.3x slower. The
       price is memory that stays resident once used (BENCHMARKS.md).
-    - oneDNN, and ideep (PyTorch's layer over it), each keep 64 compiled bf16 matmuls instead of 1024. Each new
+    - oneDNN and ideep keep 64 compiled matmuls instead of 1024 (model.cap_cpu_kernel_caches). Each new
       micro-batch length adds a few, up to ~10 MB each: a 2-process epoch of padded batches grew to 12.9 GB per
       rank with neither capped, and with ideep's uncapped to 4.4 GB by step 24 (3.2 GB capped, and flat).
-    Elsewhere than glibc, the first does nothing; a cache capacity already set in the environment is kept."""
-    # Both read when the first bf16 matmul runs.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-    os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
+    Elsewhere than glibc, the first does nothing."""
+    cap_cpu_kernel_caches()
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")

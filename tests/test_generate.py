@@ -3,6 +3,7 @@ text and the command line."""
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -151,6 +152,37 @@ def test_context_limit(model, tokenizer):
     assert len(generate_ids(model, [long_prompt + [7] * 4], 20, tokenizer.eos_id)[0]) == 1
     with pytest.raises(ValueError, match="prompt 2 is 128 tokens long"):
         generate_ids(model, [short_prompt, long_prompt + [7] * 5], 20, tokenizer.eos_id)
+
+
+NEW_PROMPT_LENGTH_EVERY_CALL = """
+import torch
+from generate import generate_ids, use_cpu_decoding_layout
+from model import ModelArgs, Transformer, cap_cpu_kernel_caches
+if CAPPED:
+    cap_cpu_kernel_caches()
+torch.manual_seed(0)
+model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000, max_seq_len=256))
+use_cpu_decoding_layout(model)
+rss = []
+for length in range(8, 158):
+    generate_ids(model, [list(range(1, length + 1))], 2, eos_id=-1)
+    rss.append(int(open("/proc/self/statm").read().split()[1]))
+print(rss[79], rss[-1])
+"""
+
+
+def test_memory_stays_flat_for_prompts_of_new_lengths():
+    """The CPU keeps the matmul kernels it builds for each new prompt length unless model.cap_cpu_kernel_caches
+    caps them, as generate.py does on the CPU: 150 prompts, each one token longer than the last. Uncapped,
+    resident memory grows by a few MB a prompt, which this test must see too, or it could not tell."""
+    growth = {}
+    for capped in (False, True):
+        script = f"CAPPED = {capped}\n" + NEW_PROMPT_LENGTH_EVERY_CALL
+        out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(generate.__file__),
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        at_80, at_150 = map(int, out.stdout.split())
+        growth[capped] = at_150 / at_80
+    assert growth[False] >= 1.2 and growth[True] <= 1.05, growth
 
 
 def test_sampling_repeats_with_a_seed(model, tokenizer):
