@@ -169,10 +169,11 @@ def use_cpu_decoding_layout(model: Transformer) -> None:
 def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
     """The model compiled for decoding steps (torch.compile, as gpt-fast does), to pass to generate_ids as
     decode_step; prompts still run through the model as it is. The weights are frozen into the compiled code
-    (a later change to them is not seen), and max-autotune lets Inductor use its own matrix-vector kernels
-    where they beat the library's: on the CPU they stream weights about 1.5x faster than oneDNN's packed
-    layout (BENCHMARKS.md). q/k/v and gate/up are fused first (Transformer.fuse_projections). The first step
-    compiles, and so does the first step with a new batch size or a longer KV cache: 20-60 s on 2 CPU cores."""
+    (a later change to them is not seen), max-autotune lets Inductor use its own matrix-vector kernels where
+    they beat the library's, and the work between the products is fused: on the CPU this decodes 1.1-2.2x as
+    fast as the oneDNN-packed layout (BENCHMARKS.md). q/k/v and gate/up are fused first
+    (Transformer.fuse_projections). The first step compiles, and so does the first step with a new batch size
+    or a longer KV cache: about 50 s on 2 CPU cores."""
     from torch._inductor import config  # 1 s to import, so not for every run of generate.py
 
     model.fuse_projections()
@@ -361,8 +362,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decoding step: tokens come faster (about 1.5x on the CPU) after 20-60 s of "
-        "compiling, again for each new batch size; worth it for long answers and many prompts",
+        help="torch.compile the decoding step: tokens come faster (1.1-2.2x on the CPU) after about a minute "
+        "of compiling, again for each new batch size; worth it for long answers and many prompts",
     )
 
     def fail(message: str) -> NoReturn:  # one line, like every other user error, instead of usage + error
