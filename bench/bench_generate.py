@@ -85,8 +85,12 @@ def main() -> None:
             out = hf_model.generate(input_ids, do_sample=False, max_new_tokens=n, pad_token_id=tokenizer.eos_id)
         return out[0, len(prompt) :].tolist()
 
-    sides = {"generate.py": ours, "generate.py --compile": ours_compiled, "as loaded": ours_as_loaded}
-    sides["transformers"] = transformers
+    sides = {
+        "generate.py": ours,
+        "generate.py --compile": ours_compiled,
+        "as loaded": ours_as_loaded,
+        "transformers": transformers,
+    }
     start = time.perf_counter()
     ours_compiled()
     compile_seconds = time.perf_counter() - start
