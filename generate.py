@@ -69,16 +69,18 @@ def generate_ids(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
-    on_token: Callable[[list[int]], None] | None = None,
+    on_token: Callable[[list[int]], list[bool] | None] | None = None,
     decode_step: Callable[..., Tensor] | None = None,
 ) -> list[list[int]]:
     """Answers to a batch of prompts (token ids, BOS included) as token ids, EOS left out.
 
     Each answer stops at EOS, after max_new_tokens, or when prompt + answer fill the model's context.
     on_token, if given, is called after every step with the token each row just produced (EOS again for a
-    row that has finished). The same seed gives the same answers for the same batch. decode_step runs the
-    model on each new token: the model itself by default, or what compile_decoding returns. The KV cache stays
-    with the model for the next call (model.clear_cache() frees it).
+    row that has finished); it may return a flag per row, True to finish that row there (a stop string was
+    produced, or the reader went away), its answer keeping the tokens so far. The same seed gives the same
+    answers for the same batch. decode_step runs the model on each new token: the model itself by default, or
+    what compile_decoding returns. The KV cache stays with the model for the next call (model.clear_cache()
+    frees it).
     """
     check_prompt_lengths(prompt_ids, model.args.max_seq_len)
     device = model.embed_tokens.weight.device
@@ -116,8 +118,8 @@ def generate_ids(
         next_token = next_token.masked_fill(finished, eos_id)
         answers[:, step] = next_token
         finished |= (next_token == eos_id) | (step + 1 >= max_answer_lens)
-        if on_token is not None:
-            on_token(next_token.tolist())
+        if on_token is not None and (stop_rows := on_token(next_token.tolist())) is not None:
+            finished |= torch.tensor(stop_rows, device=device)
         if step + 1 == steps or finished.all():
             break
         slot = prompt_len + step

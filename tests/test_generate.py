@@ -126,6 +126,22 @@ def test_batch_matches_one_by_one(model, tokenizer):
     assert generate_ids(model, prompt_ids, 24, eos) == singles
 
 
+def test_on_token_can_finish_a_row(model, tokenizer):
+    """A row that on_token finishes (a stop string, a reader gone) keeps its tokens so far; the others go on."""
+    prompt_ids = encode_all(tokenizer, PROMPTS)
+    full = generate_ids(model, prompt_ids, 12, tokenizer.eos_id)
+    steps = 0
+
+    def stop_second_row_after_three(tokens):
+        nonlocal steps
+        steps += 1
+        return [False, steps >= 3, False]
+
+    cut = generate_ids(model, prompt_ids, 12, tokenizer.eos_id, on_token=stop_second_row_after_three)
+    assert len(full[1]) == 12 and cut[1] == full[1][:3]
+    assert cut[0] == full[0] and cut[2] == full[2]
+
+
 def test_compiled_step_is_reused_while_the_cache_fits(model_dir, model, tokenizer):
     """A later call with the same batch size and a shorter prompt + answer runs the compiled step as it is, and
     still gives the uncompiled model's answers, left padding and an early EOS included."""
