@@ -6,6 +6,7 @@ Meta's `consolidated.NN.pth` checkpoints are renamed and have q/k permuted from 
 """
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -237,6 +238,66 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen bias-free linear layer plus a trainable low-rank update (LoRA): y = x W^T + B(A(dropout(x))) * alpha/r.
+    The base keeps its parameter name (`q_proj.weight`) and the adapters get PEFT's (`q_proj.lora_A.weight`, [r, in];
+    `q_proj.lora_B.weight`, [out, r]), so base checkpoints load unchanged and the adapters save under PEFT's keys."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        if self.weight.device.type != "meta":
+            init_lora_(self.lora_A.weight, self.lora_B.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The adapters may be kept in another dtype than the base (fp32 over bf16): computed in theirs.
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        return F.linear(x, self.weight) + update.to(x.dtype)
+
+
+@torch.no_grad()
+def init_lora_(lora_A: Tensor, lora_B: Tensor) -> None:
+    """PEFT's default: A as nn.Linear initialises its weights, B zero, so training starts from the base model."""
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    nn.init.zeros_(lora_B)
+
+
+def apply_lora(model: "Transformer", r: int, alpha: float, dropout: float, targets: Iterable[str]) -> None:
+    """Freezes every parameter and wraps each layer's `targets` projections (names in LORA_TARGETS) in LoRALinear:
+    afterwards only the adapters train."""
+    if unknown := sorted(set(targets) - set(LORA_TARGETS)):
+        raise ValueError(f"unknown LoRA target module {unknown[0]!r}; expected some of {', '.join(LORA_TARGETS)}")
+    model.requires_grad_(False)
+    for layer in model.layers:
+        for name in targets:
+            parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+            setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, dropout).train(model.training))
+
+
+def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """The update B A * scaling that merging adds to the base weight, in fp32."""
+    return (lora_B.float() @ lora_A.float()) * scaling
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Folds every adapter into its base weight and puts a plain linear layer back: the same outputs (without
+    dropout), at the cost of one product per projection."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            merged = module.weight.float() + lora_delta(module.lora_A.weight, module.lora_B.weight, module.scaling)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, _linear_with_weight(merged.to(module.weight.dtype)))
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -337,13 +398,13 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
-        want_grads = any(ctx.needs_input_grad[:2])
+        want_grads, want_weight_grad = any(ctx.needs_input_grad[:2]), ctx.needs_input_grad[1]
         # -100 is IGNORE_INDEX in data.py and PyTorch's default ignore_index. On CUDA, nonzero waits for the
         # forward to finish (one sync per micro-batch); the backward's work is queued right after.
         supervised = (labels != -100).nonzero().squeeze(1)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.zeros_like(h) if want_grads else None
-        grad_weight = torch.zeros_like(weight) if want_grads and len(supervised) == 0 else None
+        grad_weight = torch.zeros_like(weight) if want_weight_grad and len(supervised) == 0 else None
         for rows in supervised.split(chunk):
             h_chunk, target = h[rows], labels[rows, None]
             log_probs = F.linear(h_chunk, weight).log_softmax(dim=-1, dtype=torch.float32)
@@ -353,17 +414,19 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad.scatter_add_(1, target, torch.full_like(grad[:, :1], -1.0))
                 grad = grad.to(h.dtype)
                 grad_h[rows] = grad @ weight
-                part = grad.T @ h_chunk
-                # One chunk (the usual case) is the gradient as it is; several add up in fp32.
-                grad_weight = part if grad_weight is None else grad_weight.float().add_(part)
+                if want_weight_grad:  # not for a frozen output layer (LoRA)
+                    part = grad.T @ h_chunk
+                    # One chunk (the usual case) is the gradient as it is; several add up in fp32.
+                    grad_weight = part if grad_weight is None else grad_weight.float().add_(part)
         if want_grads:
-            ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_h, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_output, grad_weight * grad_output, None, None
+        grad_weight = None if grad_weight is None else grad_weight * grad_output
+        return grad_h * grad_output, grad_weight, None, None
 
 
 def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
