@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from data import format_prompt, load_dataset, rank_micro_batches, read_records
-from model import ModelArgs, Transformer, cap_cpu_kernel_caches, load_model, read_args
+from lora_io_draft import is_adapter_dir, load_adapter, read_adapter_config
+from model import ModelArgs, Transformer, cap_cpu_kernel_caches, load_model, merge_lora, read_args
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL_PATH = "out"  # where train.py writes its final model by default
@@ -325,7 +326,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("prompt", nargs="?", help="the instruction (or, with --raw, the whole prompt)")
     parser.add_argument(
         "--model_path",
-        help=f"Hugging Face or Meta LLaMA directory (default: ./{DEFAULT_MODEL_PATH}, where train.py exports)",
+        help="Hugging Face or Meta LLaMA directory, or a LoRA adapter directory (adapter_config.json) "
+        f"(default: ./{DEFAULT_MODEL_PATH}, where train.py exports)",
+    )
+    parser.add_argument(
+        "--base_model",
+        help="when --model_path is a LoRA adapter (PEFT) directory: its base model (default: the adapter's "
+        "base_model_name_or_path)",
     )
     parser.add_argument("--tokenizer", help="SentencePiece model (default: MODEL_PATH/tokenizer.model)")
     parser.add_argument("--input", help="the input (context) that goes with the instruction")
@@ -432,6 +439,9 @@ def load_weights(args: argparse.Namespace) -> tuple[Transformer, Callable[..., T
         cap_cpu_kernel_caches()  # each new prompt length would keep a few MB more
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = load_model(args.model_path, dtype=dtype, device=device)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
+        merge_lora(model)  # the same answers, one product per projection, and the layouts below apply
     if args.compile:
         return model, compile_decoding(model)
     if device.type == "cpu":
@@ -449,7 +459,24 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"exact match {matches}/{n_records} = {matches / n_records:.1%}   supervised-token loss {loss:.4f}")
 
 
+def resolve_adapter(args: argparse.Namespace) -> None:
+    """A LoRA adapter directory as --model_path: the model is then its base (--base_model, or the one its config
+    names) with the adapter applied; args.adapter is the adapter directory, or None."""
+    args.adapter = None
+    if not is_adapter_dir(args.model_path):
+        if args.base_model is not None:
+            raise ValueError(f"--base_model goes with a LoRA adapter directory; {args.model_path} is not one")
+        return
+    base = args.base_model or read_adapter_config(args.model_path).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        config_path = os.path.join(args.model_path, "adapter_config.json")
+        where = f"--base_model {base}" if args.base_model else f"{config_path}: base_model_name_or_path {base!r}"
+        raise ValueError(f"{where}: no such model directory (pass the base model with --base_model DIR)")
+    args.adapter, args.model_path = args.model_path, base
+
+
 def run(args: argparse.Namespace) -> None:
+    resolve_adapter(args)
     if args.eval_data is not None:
         run_eval(args)
         return

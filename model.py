@@ -298,6 +298,25 @@ def merge_lora(model: nn.Module) -> None:
             setattr(model.get_submodule(parent_name), attr, _linear_with_weight(merged.to(module.weight.dtype)))
 
 
+def merge_lora_tensors(tensors: Iterable[tuple[str, Tensor]], scaling: float) -> Iterator[tuple[str, Tensor]]:
+    """The merged model's (name, tensor) pairs from a LoRA model's, streamed: each weight is held until the next
+    name shows whether adapters follow it (LoRALinear yields weight, lora_A, lora_B in turn)."""
+    held, lora_A = None, None
+    for name, tensor in tensors:
+        if name.endswith(".lora_A.weight"):
+            lora_A = tensor
+        elif name.endswith(".lora_B.weight"):
+            weight_name, weight = held
+            yield weight_name, (weight.float() + lora_delta(lora_A, tensor, scaling)).to(weight.dtype)
+            held = None
+        else:
+            if held is not None:
+                yield held
+            held = name, tensor
+    if held is not None:
+        yield held
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -447,16 +466,17 @@ def count_parameters(args: ModelArgs) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def training_flops(args: ModelArgs, seq_lens: list[int], n_supervised: int) -> float:
+def training_flops(args: ModelArgs, seq_lens: list[int], n_supervised: int, frozen_weights: bool = False) -> float:
     """Training FLOPs (forward + backward = 3x forward) of sequences of these lengths that hold n_supervised
     supervised tokens: 6 per decoder matmul weight per token; 6 per output-projection weight per supervised token,
     the only logits the loss needs (and all that LinearCrossEntropy computes); and attention's QK^T and AV at
     6 * 2 * n_layers * seq_len * n_heads * head_dim per token, halved for causality (PaLM's count, with the causal
-    half that SDPA skips)."""
-    a = args
+    half that SDPA skips). frozen_weights (LoRA): no weight gradients, so 4 per weight, and the adapters' own
+    products (r / dim of the projections they sit on) are left out."""
+    a, per_weight = args, 4 if frozen_weights else 6
     layer_weights = a.n_layers * (a.dim * a.head_dim * (a.n_heads * 2 + a.n_kv_heads * 2) + 3 * a.dim * a.hidden_dim)
     attention = sum(6 * a.n_layers * n * n * a.n_heads * a.head_dim for n in seq_lens)
-    return 6 * layer_weights * sum(seq_lens) + 6 * a.dim * a.vocab_size * n_supervised + attention
+    return per_weight * (layer_weights * sum(seq_lens) + a.dim * a.vocab_size * n_supervised) + attention
 
 
 # ---------------------------------------------------------------------------------------------------------

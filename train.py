@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -35,15 +35,21 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data import Batch, epoch_steps, load_dataset, padding_fraction, rank_micro_batches
+from lora_io_draft import adapter_config, save_adapter
 from model import (
+    LORA_TARGETS,
+    LoRALinear,
     ModelArgs,
     Transformer,
     add_pad_rows,
+    apply_lora,
     cap_cpu_kernel_caches,
     check_shape,
     count_parameters,
     document_mask,
+    init_lora_,
     iter_checkpoint,
+    merge_lora_tensors,
     read_args,
     save_hf_checkpoint,
     training_flops,
@@ -73,6 +79,11 @@ SAMPLE_DEFAULTS = dict(
     save_strategy="no",
     logging_steps=10,
 )
+
+
+def module_list(value: str) -> list[str]:
+    """'q_proj,v_proj', or alpaca-lora's '[q_proj,v_proj]' (quotes and spaces allowed)."""
+    return [name.strip(" '\"") for name in value.strip().removeprefix("[").removesuffix("]").split(",")]
 
 
 def str2bool(value: str) -> bool:
@@ -123,6 +134,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--save_total_limit", type=int, default=None)
     g("--resume_from_checkpoint", help="a checkpoint-<step> directory, or 'latest' in output_dir")
     g("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the final export")
+    g("--lora_r", type=int, help="train LoRA adapters of this rank, not the weights (alpaca-lora: 8); default: off")
+    g("--lora_alpha", type=float, default=16, help="LoRA scaling is lora_alpha / lora_r")
+    g("--lora_dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    g(
+        "--lora_target_modules",
+        type=module_list,
+        default="q_proj,v_proj",
+        help="e.g. q_proj,v_proj or '[q_proj,v_proj]'",
+    )
+    flag("--save_merged", default=False, help="with LoRA, also export the merged model to output_dir/merged")
     g("--dry_run", action="store_true", help="print the memory, steps and time this run would take; train nothing")
     g("--dry_run_gpus", type=int, help="world size to plan for (default: this launch's)")
     g("--dry_run_gpu", default="A100", help=f"device to plan for: cpu or one of {', '.join(GPU_PEAK_FLOPS)}")
@@ -182,8 +203,26 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
+    if args.lora_r is not None:
+        check_lora_args(args)
+    elif args.save_merged:
+        raise ValueError("--save_merged goes with --lora_r: without LoRA the export is the whole model already")
     if args.dry_run and args.dry_run_gpu not in [*GPU_PEAK_FLOPS, "cpu"]:
         raise ValueError(f"--dry_run_gpu {args.dry_run_gpu!r}: expected one of {', '.join(GPU_PEAK_FLOPS)}")
+
+
+def check_lora_args(args: argparse.Namespace) -> None:
+    if args.lora_r <= 0:
+        raise ValueError(f"--lora_r must be a positive integer, got {args.lora_r}")
+    if not args.lora_alpha > 0:
+        raise ValueError(f"--lora_alpha must be positive, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if unknown := [m for m in args.lora_target_modules if m not in LORA_TARGETS]:
+        raise ValueError(
+            f"--lora_target_modules: unknown module {unknown[0]!r}; expected some of {', '.join(LORA_TARGETS)}"
+        )
+    args.lora_target_modules = list(dict.fromkeys(args.lora_target_modules))  # each once, in the order given
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,11 +294,21 @@ def rank0_first(fn):
     return result if dist.get_rank() == 0 else fn()
 
 
+def meta_model(model_args: ModelArgs, args: argparse.Namespace) -> Transformer:
+    """The model on the meta device. With LoRA the base is frozen and kept in the compute dtype (bf16: no fp32
+    copy, no gradient, no optimizer state for it), and only the adapters, in fp32, train."""
+    with torch.device("meta"):
+        model = Transformer(model_args)
+        if args.lora_r is not None:
+            model.to(torch.bfloat16 if args.bf16 else torch.float32)
+            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    return model
+
+
 def build_model(model_args: ModelArgs, args: argparse.Namespace, device: torch.device) -> Transformer:
     """On the meta device, sharded with FSDP2 block by block, then given (uninitialised) memory for this
     rank's shards only."""
-    with torch.device("meta"):
-        model = Transformer(model_args)
+    model = meta_model(model_args, args)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
     shard = partial(
         fully_shard,
@@ -302,11 +351,27 @@ def load_weights(model: Transformer, path: str, checkpoint_args: ModelArgs) -> N
         param = params[name]
         if name in ("embed_tokens.weight", "lm_head.weight"):
             full = add_pad_rows(full, param.shape[0])
-        local = distribute_tensor(
-            full.to(param.device, torch.float32), param.device_mesh, param.placements, src_data_rank=None
-        )
-        with torch.no_grad():
-            param.to_local().copy_(local.to_local())
+        copy_shard(param, full)
+
+
+def init_adapters(model: Transformer, seed: int) -> None:
+    """Each LoRA pair drawn whole from the seed on every rank, which keeps its shard: the starting adapters do
+    not depend on the world size."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            lora_A, lora_B = torch.empty(module.lora_A.weight.shape), torch.empty(module.lora_B.weight.shape)
+            init_lora_(lora_A, lora_B)
+            copy_shard(module.lora_A.weight, lora_A)
+            copy_shard(module.lora_B.weight, lora_B)
+
+
+def copy_shard(param: DTensor, full: Tensor) -> None:
+    local = distribute_tensor(
+        full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+    )
+    with torch.no_grad():
+        param.to_local().copy_(local.to_local())
 
 
 def weights_finite(model: Transformer, device: torch.device) -> bool:
@@ -317,10 +382,21 @@ def weights_finite(model: Transformer, device: torch.device) -> bool:
     return bool(finite.item())
 
 
-def full_tensors(model: Transformer, device: torch.device):
-    """(name, full tensor) for every parameter, all-gathered; every rank must iterate it in step."""
+def full_tensors(model: Transformer, device: torch.device, trainable_only: bool = False):
+    """(name, full tensor) for every parameter (or every trained one), all-gathered; every rank must iterate it
+    in step."""
     for name, param in model.named_parameters():
-        yield name, param.detach().to(device).full_tensor()
+        if param.requires_grad or not trainable_only:
+            yield name, param.detach().to(device).full_tensor()
+
+
+def write_on_rank0(write, tensors) -> None:
+    """write(tensors) on rank 0; the other ranks take part in the all-gathers and drop what they get."""
+    if dist.get_rank() == 0:
+        write(tensors)
+    else:
+        for _ in tensors:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,8 +413,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
 
 
 def make_optimizer(model: Transformer, args: argparse.Namespace) -> torch.optim.AdamW:
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    vectors = [p for p in model.parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in trained if p.ndim >= 2]
+    vectors = [p for p in trained if p.ndim < 2]
     groups = [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     return torch.optim.AdamW(
         groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True
@@ -484,6 +561,9 @@ def verify_checkpoint(path: str) -> Metadata:
 
 
 TRAINER_STATE_FIELDS = ("global_step", "global_batch", "seed", "records")
+# A checkpoint holds what training changes: with LoRA the adapters and their optimizer state, not the base.
+# Loading one then leaves the frozen base as it is (strict=False); check_resume has found every trained tensor.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def read_trainer_state(path: str) -> dict:
@@ -507,7 +587,7 @@ def save_checkpoint(model, optimizer, step: int, args: argparse.Namespace, recor
         raise ValueError(f"step {step}: the weights are not finite; checkpoint-{step} not written")
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     partial_dir = final + ".partial"
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED_ONLY)
     # Tensors only (see load_checkpoint); DCP fsyncs every file it writes.
     dcp.save({"model": model_state, "optim": {"state": optim_state["state"]}}, checkpoint_id=partial_dir)
     with open(os.path.join(partial_dir, f"rng-{dist.get_rank()}.pt"), "wb") as f:
@@ -600,8 +680,7 @@ def check_resume(path: str, state: dict, model_args: ModelArgs, args: argparse.N
             f"{path}: trained with --seed {state['seed']}; another seed reorders the records still to come"
         )
     index = verify_checkpoint(path).state_dict_metadata
-    with torch.device("meta"):
-        params = dict(Transformer(model_args).named_parameters())
+    params = {name: p for name, p in meta_model(model_args, args).named_parameters() if p.requires_grad}
     expected = {}
     for name, param in params.items():
         expected[f"model.{name}"] = param.shape
@@ -619,11 +698,13 @@ def load_checkpoint(model, optimizer, path: str) -> None:
     """Model and optimizer state, and this rank's RNG. Tensors only: DCP reads any other entry with
     torch.load(weights_only=False), which runs pickled code. The optimizer's hyperparameters are this launch's
     flags (and its learning rate is set at every step)."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED_ONLY)
     tensors = {"model": model_state, "optim": {"state": optim_state["state"]}}
     dcp.load(tensors, checkpoint_id=path)  # reads the index that check_resume has read safely
     optim_state["state"] = tensors["optim"]["state"]
-    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_state)
+    set_state_dict(
+        model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_state, options=TRAINED_ONLY
+    )
     rng_file = os.path.join(path, f"rng-{dist.get_rank()}.pt")
     if os.path.isfile(rng_file):  # absent when resuming with more ranks than saved
         rng = torch.load(rng_file, weights_only=True)
@@ -681,19 +762,23 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
     lengths = [len(ids) for ids in dataset.ids]
     scale = records / len(dataset)  # --dry_run_records: the same length distribution, more records
     tokens_per_epoch = sum(lengths) * scale
-    flops_per_epoch = training_flops(a, lengths, dataset.total_supervised()) * scale
+    lora = args.lora_r is not None
+    flops_per_epoch = training_flops(a, lengths, dataset.total_supervised(), frozen_weights=lora) * scale
     padding = padding_fraction(dataset, global_batch, micro, args.packing, args.model_max_length, pad_id, args.seed)
 
     # FSDP keeps 1/ranks of the fp32 weights, gradients and both AdamW moments on each rank; accumulating
-    # without a reduce-scatter adds each block's unsharded fp32 gradient until the last micro-step.
-    sharded = 16 * n_params / ranks
-    accumulated = 4 * n_params if accumulation > 1 else 0
+    # without a reduce-scatter adds each block's unsharded fp32 gradient until the last micro-step. A frozen
+    # base (LoRA) is only its 1/ranks in the compute dtype.
     act = 2 if args.bf16 else 4
+    trained = sum(p.numel() for p in meta_model(a, args).parameters() if p.requires_grad)
+    frozen = n_params if lora else 0
+    sharded = (16 * trained + act * frozen) / ranks
+    accumulated = 4 * trained if accumulation > 1 else 0
     block = a.dim * a.head_dim * 2 * (a.n_heads + a.n_kv_heads) + 3 * a.dim * a.hidden_dim
     gathered = 2 * act * max(block, 2 * a.dim * a.vocab_size)  # the unsharded block in use and the prefetched one
     tokens = micro * args.model_max_length
     # Saved for backward per token and layer: norms in fp32, q/k/v/attention/o and the SwiGLU intermediates.
-    per_layer = act * (19 * a.dim + 4 * a.hidden_dim) + 8 * a.dim
+    per_layer = act * (19 * a.dim + 4 * a.hidden_dim) + 8 * a.dim + (lora_activations(a, args, act) if lora else 0)
     layers_kept = 1 if args.gradient_checkpointing else a.n_layers
     activations = tokens * (layers_kept * per_layer + a.n_layers * act * a.dim * args.gradient_checkpointing)
     logits = 2 * 4 * min(4096, tokens) * a.vocab_size  # one chunk of fp32 logits and its gradient
@@ -703,6 +788,12 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
     peak = peak_flops(torch.device("cpu")) if on_cpu else GPU_PEAK_FLOPS[args.dry_run_gpu]
     epochs = total_steps / steps_per_epoch
     seconds = flops_per_epoch * epochs / (1 - padding) / (ranks * peak * args.dry_run_mfu)
+    lora_line = (
+        f"LoRA             r {args.lora_r} on {','.join(args.lora_target_modules)}: {trained / 1e6:.2f} M trained "
+        f"parameters, the base frozen in {'bf16' if args.bf16 else 'fp32'}\n"
+        if lora
+        else ""
+    )
     print(
         f"model            {n_params / 1e9:.3f} B parameters ({a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size})\n"
         f"data             {records} records, {tokens_per_epoch / 1e6:.2f} M tokens per epoch (mean "
@@ -710,8 +801,9 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
         f"batch            {micro} x {accumulation} accumulation x {ranks} ranks = {global_batch} records\n"
         f"steps            {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
         f"{math.ceil(args.warmup_ratio * total_steps)} warmup\n"
-        f"memory per rank  weights, grads, AdamW {sharded / gb:.2f} GB + accumulated grads {accumulated / gb:.2f} GB "
-        f"+ gathered blocks {gathered / gb:.2f} GB\n"
+        + lora_line
+        + f"memory per rank  {'base + adapters' if lora else 'weights'}, grads, AdamW {sharded / gb:.2f} GB + "
+        f"accumulated grads {accumulated / gb:.2f} GB + gathered blocks {gathered / gb:.2f} GB\n"
         f"                 + activations {activations / gb:.2f} GB + logits {logits / gb:.2f} GB"
         + (f" + runtime {runtime / gb:.2f} GB" if on_cpu else "")
         + f" = {total / gb:.2f} GB\n"
@@ -721,6 +813,19 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
     )
     if not on_cpu and total / gb > args.dry_run_gpu_memory_gb:
         print(f"                 more than {args.dry_run_gpu_memory_gb:.0f} GB: try --gradient_checkpointing True")
+
+
+def lora_activations(a: ModelArgs, args: argparse.Namespace, act: int) -> int:
+    """What LoRA changes in one layer's saved activations per token. Frozen weights need no input kept for their
+    gradient: the two norm products and the projections save none (5 x dim + hidden). Each adapted group of
+    projections keeps its input again, each adapter its r-wide product, and dropout its output and mask."""
+    targets = set(args.lora_target_modules)
+    inputs = dict.fromkeys(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], a.dim)
+    inputs |= {"o_proj": a.n_heads * a.head_dim, "down_proj": a.hidden_dim}
+    groups = [{"q_proj", "k_proj", "v_proj"}, {"o_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}]
+    kept = sum(inputs[min(group)] for group in groups if group & targets)
+    dropout = sum((act + 1) * inputs[t] for t in targets) if args.lora_dropout > 0 else 0
+    return act * (kept - 5 * a.dim - a.hidden_dim + args.lora_r * len(targets)) + dropout
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -750,9 +855,14 @@ def train(args: argparse.Namespace) -> None:
     if checkpoint_args.tie_word_embeddings:
         raise ValueError(f"{args.model_name_or_path}: tied input/output embeddings are not supported for training")
     model_args = ModelArgs(**vars(checkpoint_args))
-    model_args.vocab_size = max(checkpoint_args.vocab_size, tokenizer.vocab_size)
-    model_args.pad_token_id = tokenizer.pad_id
     model_args.max_seq_len = max(model_args.max_seq_len, args.model_max_length)
+    if args.lora_r is None:
+        model_args.vocab_size = max(checkpoint_args.vocab_size, tokenizer.vocab_size)
+        model_args.pad_token_id = pad_id = tokenizer.pad_id
+    else:
+        # LoRA keeps the base's vocabulary: padding is masked out of the loss and attention, so any id serves
+        # (alpaca-lora's 0, <unk>).
+        pad_id = tokenizer.unk_id
     if not dry:
         check_weights(args.model_name_or_path, checkpoint_args, model_args)
     resume = None if args.dry_run else resolve_resume(args)
@@ -763,7 +873,7 @@ def train(args: argparse.Namespace) -> None:
     dataset = rank0_first(lambda: load_dataset(args.data_path, tokenizer, args.model_max_length))
     if args.dry_run:
         if is_main:
-            dry_run(args, model_args, dataset, world_size, tokenizer.pad_id)
+            dry_run(args, model_args, dataset, world_size, pad_id)
         return
     if resume and resume_state["records"] != len(dataset):
         raise ValueError(
@@ -787,6 +897,8 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = build_model(model_args, args, device)
     load_weights(model, args.model_name_or_path, checkpoint_args)
+    if args.lora_r is not None:
+        init_adapters(model, args.seed)
     optimizer = make_optimizer(model, args)
     if resume:
         load_checkpoint(model, optimizer, resume)
@@ -806,7 +918,7 @@ def train(args: argparse.Namespace) -> None:
         records = plan[step_in_epoch]
         micro_batches = rank_micro_batches(
             dataset, records, rank, world_size, args.per_device_train_batch_size, args.packing,
-            args.model_max_length, tokenizer.pad_id,
+            args.model_max_length, pad_id,
         )  # fmt: skip
         n_supervised = sum(dataset.n_supervised(i) for i in records)
         lr = lr_at(step, total_steps, warmup_steps, args.learning_rate)
@@ -825,7 +937,7 @@ def train(args: argparse.Namespace) -> None:
         lengths = [len(dataset.ids[i]) for i in records]
         window_tokens += sum(lengths)
         window_supervised += n_supervised
-        window_flops += training_flops(model_args, lengths, n_supervised)
+        window_flops += training_flops(model_args, lengths, n_supervised, frozen_weights=args.lora_r is not None)
         bar.update(1)
         if done % args.logging_steps == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start
@@ -863,13 +975,21 @@ def train(args: argparse.Namespace) -> None:
     if not weights_finite(model, device):
         raise ValueError(f"the weights after step {total_steps} are not finite: not exported")
 
-    tensors = full_tensors(model, device)
-    if is_main:
-        save_hf_checkpoint(args.output_dir, model_args, tensors, tokenizer_path, getattr(torch, args.save_dtype))
-        print(f"saved {args.output_dir}", file=sys.stderr)
+    dtype = getattr(torch, args.save_dtype)
+    if args.lora_r is None:
+        save = partial(save_hf_checkpoint, args.output_dir, model_args, tokenizer_path=tokenizer_path, dtype=dtype)
+        write_on_rank0(save, full_tensors(model, device))
     else:
-        for _ in tensors:
-            pass
+        config = adapter_config(
+            args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.model_name_or_path
+        )
+        write_on_rank0(partial(save_adapter, args.output_dir, config), full_tensors(model, device, trainable_only=True))
+        if args.save_merged:
+            merged_dir = os.path.join(args.output_dir, "merged")
+            save = partial(save_hf_checkpoint, merged_dir, model_args, tokenizer_path=tokenizer_path, dtype=dtype)
+            write_on_rank0(save, merge_lora_tensors(full_tensors(model, device), args.lora_alpha / args.lora_r))
+    if is_main:
+        print(f"saved {args.output_dir}", file=sys.stderr)
     # The ranks leave together: one that tore its process group down while rank 0 was still writing the export
     # once aborted at exit ("terminate called without an active exception", gloo, after a torchrun restart).
     dist.barrier()

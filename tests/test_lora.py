@@ -1,13 +1,26 @@
 """LoRA against peft, the independent reference: our adapters load into peft's PeftModel with our logits, peft's
-adapters load into ours with its logits, and merging an adapter into the base changes no output."""
+adapters load into ours with its logits, and merging an adapter into the base changes no output; then train.py's
+LoRA path end to end on the CPU (1 against 2 processes, resume, the base untouched) and generate.py on its output."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from test_train import ROOT, assert_same_weights, common, metrics, run, weights
+from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
 from lora_io_draft import adapter_config, load_adapter, save_adapter
 from model import LORA_TARGETS, apply_lora, load_model, merge_lora
+
+GENERATE = os.path.join(ROOT, "generate.py")
 
 TARGET_SETS = [["q_proj", "v_proj"], list(LORA_TARGETS)]
 
@@ -94,3 +107,149 @@ def test_unknown_target_module_is_one_clear_error(tiny_model, tmp_path):
     save_adapter(str(tmp_path), adapter_config(4, 8, 0.0, ["q_proj", "lm_head"], "base"), ours.named_parameters())
     with pytest.raises(ValueError, match="adapter_config.json: target_modules must be a list of q_proj"):
         load_adapter(load_model(tiny_model), str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.py --lora_r: end to end on the CPU
+
+LORA = ["--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--lora_target_modules", "[q_proj,v_proj]"]
+FP32 = dict(per_device_train_batch_size=2, max_steps=6, bf16=False, learning_rate=1e-2)
+
+
+def digest(path: str) -> dict[str, str]:
+    return {f: hashlib.sha256(open(os.path.join(path, f), "rb").read()).hexdigest() for f in sorted(os.listdir(path))}
+
+
+def adapters(out) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(tiny_model, small_data, tmp_path_factory) -> dict:
+    """Six fp32 steps of LoRA: one process (with the merged export), two processes (checkpoints at steps 3 and
+    6), and two processes resumed from the latter's checkpoint-3. The base directory's files before it all."""
+    root = tmp_path_factory.mktemp("lora_runs")
+    base_files = digest(tiny_model)
+    one = common(tiny_model, small_data, root / "one", gradient_accumulation_steps=4, save_merged=True, **FP32)
+    run(one + LORA)
+    two = common(tiny_model, small_data, root / "two", gradient_accumulation_steps=2, save_strategy="steps",
+                 save_steps=3, **FP32)  # fmt: skip
+    run(two + LORA, nproc=2)
+    os.makedirs(root / "resumed")
+    shutil.copytree(root / "two" / "checkpoint-3", root / "resumed" / "checkpoint-3")
+    resumed = common(tiny_model, small_data, root / "resumed", gradient_accumulation_steps=2,
+                     resume_from_checkpoint="latest", **FP32)  # fmt: skip
+    run(resumed + LORA, nproc=2)
+    return {"root": root, "base_files": base_files}
+
+
+def test_lora_two_processes_match_one_process(fp32_runs):
+    root = fp32_runs["root"]
+    for a, b in zip(metrics(root / "one"), metrics(root / "two"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    one, two = adapters(root / "one"), adapters(root / "two")
+    assert len(one) == 2 * 2 * 2  # 2 layers x q, v x A, B
+    assert all(one[k].abs().max() > 0 for k in one if "lora_B" in k)  # trained away from B = 0
+    assert_same_weights(one, two, 1e-5, order_changed=True)
+
+
+def test_lora_checkpoints_hold_only_adapters_and_resume_matches(fp32_runs):
+    root = fp32_runs["root"]
+    index = FileSystemReader(str(root / "two" / "checkpoint-3")).read_metadata().state_dict_metadata
+    assert index and all(".lora_" in key for key in index), sorted(index)
+    steps = metrics(root / "resumed")
+    assert [m["step"] for m in steps] == [4, 5, 6]
+    for a, b in zip(metrics(root / "two")[3:], steps, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    assert_same_weights(adapters(root / "two"), adapters(root / "resumed"), 1e-6)
+
+
+def test_lora_leaves_the_base_bit_identical(fp32_runs, tiny_model):
+    """The base directory is never written, and the merged export holds every base tensor bit for bit except
+    the adapted ones, which are the base plus B A alpha/r."""
+    root = fp32_runs["root"]
+    assert digest(tiny_model) == fp32_runs["base_files"]
+    base, merged = load_file(os.path.join(tiny_model, "model.safetensors")), weights(root / "one" / "merged")
+    lora = {k.removeprefix("base_model.model."): v for k, v in adapters(root / "one").items()}
+    assert base.keys() == merged.keys()
+    for name in base:
+        if name.endswith(("q_proj.weight", "v_proj.weight")):
+            module = name.removesuffix(".weight")
+            delta = lora[f"{module}.lora_B.weight"] @ lora[f"{module}.lora_A.weight"] * 8 / 4
+            assert (merged[name] - base[name] - delta).abs().max() <= 1e-6, name
+            assert delta.abs().max() > 1e-4, name
+        else:
+            assert torch.equal(merged[name], base[name]), name
+
+
+def test_lora_output_loads_in_peft_and_generate_answers_alike(fp32_runs, tiny_model):
+    """peft on transformers' base with our adapter gives the logits of transformers on our merged export, and
+    generate.py answers the same from the adapter directory as from the merged one."""
+    out = fp32_runs["root"] / "one"
+    theirs = PeftModel.from_pretrained(reference(tiny_model), str(out)).eval()
+    merged = reference(str(out / "merged"))
+    with torch.no_grad():
+        assert (theirs(tokens()).logits - merged(tokens()).logits).abs().max() <= 1e-5
+    answers = []
+    for path in (out, out / "merged"):
+        cli = subprocess.run(
+            [sys.executable, GENERATE, "--model_path", str(path), "--max_new_tokens", "12", "--temperature", "0",
+             "--output_format", "jsonl", "Give three tips for staying healthy."],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        answers.append(json.loads(cli.stdout)["answer"])
+    assert answers[0] == answers[1] and answers[0]
+
+
+def test_lora_bf16_two_processes_train_the_adapters_only(tiny_model, small_data, tmp_path):
+    """The default path (bf16, dropout), two processes, every projection adapted: the loss falls, and the frozen
+    bf16 base comes out as the base rounded to bf16, bit for bit."""
+    out = tmp_path / "out"
+    flags = common(tiny_model, small_data, out, max_steps=10, learning_rate=5e-2, save_merged=True)
+    flags += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lora_r", "8"]
+    run(flags + ["--lora_target_modules", ",".join(LORA_TARGETS)], nproc=2)
+    losses = [m["loss"] for m in metrics(out)]
+    # A random base's outputs are near uniform and its adapters move them slowly: about 0.1 in 10 steps.
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
+    assert config["target_modules"] == list(LORA_TARGETS)
+    base, merged = load_file(os.path.join(tiny_model, "model.safetensors")), weights(out / "merged")
+    assert base.keys() == merged.keys()
+    for name in base:
+        if not name.endswith(tuple(f"{t}.weight" for t in LORA_TARGETS)):
+            assert torch.equal(merged[name], base[name].to(torch.bfloat16).float()), name
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--lora_r", "0"], "--lora_r must be a positive integer, got 0"),
+        (["--lora_r", "8", "--lora_target_modules", "q_proj,qkv"], "--lora_target_modules: unknown module 'qkv'"),
+        (["--lora_r", "8", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+        (["--save_merged", "True"], "--save_merged goes with --lora_r"),
+    ],
+)
+def test_bad_lora_flags_give_one_line(flags, expected, tmp_path):
+    result = run(["--output_dir", str(tmp_path), *flags], check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+
+
+def test_generate_with_an_adapter_of_another_base_or_no_base_gives_one_line(tiny_model, tmp_path):
+    ours = load_model(tiny_model)
+    apply_lora(ours, r=4, alpha=8, dropout=0.0, targets=["q_proj"])
+    wide = [(n, torch.cat([p, p]) if n.endswith("lora_B.weight") else p) for n, p in ours.named_parameters()]
+    save_adapter(str(tmp_path / "wide"), adapter_config(4, 8, 0.0, ["q_proj"], tiny_model), wide)
+    save_adapter(str(tmp_path / "lost"), adapter_config(4, 8, 0.0, ["q_proj"], "no/such/base"), ours.named_parameters())
+    expected = {
+        "wide": "has shape (128, 4) but the base model expects (64, 4)",
+        "lost": "base_model_name_or_path 'no/such/base': no such model directory",
+    }
+    for name, message in expected.items():
+        cli = subprocess.run(
+            [sys.executable, GENERATE, "--model_path", str(tmp_path / name), "--temperature", "0", "Hi."],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert cli.returncode == 1 and cli.stderr.count("\n") == 1 and message in cli.stderr, cli.stderr
