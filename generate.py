@@ -421,12 +421,29 @@ def print_stream(stream: TextStream, tokens: list[int]) -> None:
     print(stream.add(tokens[0]), end="", flush=True)
 
 
+def model_dirs(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The model directory and the LoRA adapter directory to apply to it (None: no adapter). --model_path may be
+    a PEFT adapter directory; its base is then --base_model, or the one its config names."""
+    base_model = getattr(args, "base_model", None)  # a caller's own flags (serve.py's) may not have it
+    if not is_adapter_dir(args.model_path):
+        if base_model is not None:
+            raise ValueError(f"--base_model goes with a LoRA adapter directory; {args.model_path} is not one")
+        return args.model_path, None
+    base = base_model or read_adapter_config(args.model_path).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        config_path = os.path.join(args.model_path, "adapter_config.json")
+        where = f"--base_model {base}" if base_model else f"{config_path}: base_model_name_or_path {base!r}"
+        raise ValueError(f"{where}: no such model directory (pass the base model with --base_model DIR)")
+    return base, args.model_path
+
+
 def load_tokenizer(args: argparse.Namespace) -> tuple[ModelArgs, Tokenizer]:
-    model_args = read_args(args.model_path)  # a bad directory or tokenizer fails fast, before the slow load
-    tokenizer = Tokenizer(args.tokenizer or os.path.join(args.model_path, "tokenizer.model"))
+    model_path, _ = model_dirs(args)
+    model_args = read_args(model_path)  # a bad directory or tokenizer fails fast, before the slow load
+    tokenizer = Tokenizer(args.tokenizer or os.path.join(model_path, "tokenizer.model"))
     if tokenizer.n_words > model_args.vocab_size:
         raise ValueError(
-            f"{tokenizer.model_path} has {tokenizer.n_words} pieces but the model in {args.model_path} only "
+            f"{tokenizer.model_path} has {tokenizer.n_words} pieces but the model in {model_path} only "
             f"{model_args.vocab_size} embedding rows: wrong tokenizer?"
         )
     return model_args, tokenizer
@@ -438,9 +455,10 @@ def load_weights(args: argparse.Namespace) -> tuple[Transformer, Callable[..., T
     if device.type == "cpu":
         cap_cpu_kernel_caches()  # each new prompt length would keep a few MB more
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model = load_model(args.model_path, dtype=dtype, device=device)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
+    model_path, adapter_path = model_dirs(args)
+    model = load_model(model_path, dtype=dtype, device=device)
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
         merge_lora(model)  # the same answers, one product per projection, and the layouts below apply
     if args.compile:
         return model, compile_decoding(model)
@@ -459,24 +477,7 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"exact match {matches}/{n_records} = {matches / n_records:.1%}   supervised-token loss {loss:.4f}")
 
 
-def resolve_adapter(args: argparse.Namespace) -> None:
-    """A LoRA adapter directory as --model_path: the model is then its base (--base_model, or the one its config
-    names) with the adapter applied; args.adapter is the adapter directory, or None."""
-    args.adapter = None
-    if not is_adapter_dir(args.model_path):
-        if args.base_model is not None:
-            raise ValueError(f"--base_model goes with a LoRA adapter directory; {args.model_path} is not one")
-        return
-    base = args.base_model or read_adapter_config(args.model_path).get("base_model_name_or_path")
-    if not base or not os.path.isdir(base):
-        config_path = os.path.join(args.model_path, "adapter_config.json")
-        where = f"--base_model {base}" if args.base_model else f"{config_path}: base_model_name_or_path {base!r}"
-        raise ValueError(f"{where}: no such model directory (pass the base model with --base_model DIR)")
-    args.adapter, args.model_path = args.model_path, base
-
-
 def run(args: argparse.Namespace) -> None:
-    resolve_adapter(args)
     if args.eval_data is not None:
         run_eval(args)
         return

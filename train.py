@@ -612,6 +612,7 @@ def publish_checkpoint(partial_dir: str, final: str, step: int, args: argparse.N
         "seed": args.seed,
         "records": records,
         "world_size": world_size,
+        "lora_alpha": args.lora_alpha if args.lora_r is not None else None,  # r and targets show in the shapes
     }
     with open(os.path.join(partial_dir, "trainer_state.json"), "w") as f:
         json.dump(state, f)
@@ -678,6 +679,11 @@ def check_resume(path: str, state: dict, model_args: ModelArgs, args: argparse.N
     if state["seed"] != args.seed:
         raise ValueError(
             f"{path}: trained with --seed {state['seed']}; another seed reorders the records still to come"
+        )
+    if args.lora_r is not None and state.get("lora_alpha") != args.lora_alpha:
+        was = "without LoRA" if state.get("lora_alpha") is None else f"with --lora_alpha {state['lora_alpha']}"
+        raise ValueError(
+            f"{path}: trained {was}; this launch has --lora_r {args.lora_r} --lora_alpha {args.lora_alpha}"
         )
     index = verify_checkpoint(path).state_dict_metadata
     params = {name: p for name, p in meta_model(model_args, args).named_parameters() if p.requires_grad}
@@ -812,7 +818,8 @@ def dry_run(args, model_args: ModelArgs, dataset, world_size: int, pad_id: int) 
         f"time (estimate)  {seconds / 3600:.2f} h on {ranks} x {args.dry_run_gpu} at {args.dry_run_mfu:.0%} MFU"
     )
     if not on_cpu and total / gb > args.dry_run_gpu_memory_gb:
-        print(f"                 more than {args.dry_run_gpu_memory_gb:.0f} GB: try --gradient_checkpointing True")
+        hint = "more GPUs to shard over" if args.gradient_checkpointing else "--gradient_checkpointing True"
+        print(f"                 more than {args.dry_run_gpu_memory_gb:.0f} GB: try {hint}")
 
 
 def lora_activations(a: ModelArgs, args: argparse.Namespace, act: int) -> int:

@@ -164,6 +164,15 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_matches(fp32_runs):
     assert_same_weights(adapters(root / "two"), adapters(root / "resumed"), 1e-6)
 
 
+def test_resuming_with_another_lora_alpha_is_one_line(fp32_runs, tiny_model, small_data, tmp_path):
+    checkpoint = str(fp32_runs["root"] / "two" / "checkpoint-3")
+    flags = common(tiny_model, small_data, tmp_path, gradient_accumulation_steps=4, resume_from_checkpoint=checkpoint,
+                   **FP32)  # fmt: skip
+    result = run(flags + LORA[:2] + ["--lora_alpha", "32"] + LORA[4:], check=False)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "checkpoint-3: trained with --lora_alpha 8.0; this launch has --lora_r 4 --lora_alpha 32.0" in result.stderr
+
+
 def test_lora_leaves_the_base_bit_identical(fp32_runs, tiny_model):
     """The base directory is never written, and the merged export holds every base tensor bit for bit except
     the adapted ones, which are the base plus B A alpha/r."""
