@@ -1,6 +1,5 @@
 """train.py end to end on the CPU: torchrun with 2 gloo processes against 1 process, resume, schedule, flags."""
 
-import json
 import math
 import os
 import re
@@ -10,57 +9,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import ROOT, assert_same_weights, common, metrics, run, weights
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from model import load_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "train.py")
-
-
-CACHE = os.path.join(ROOT, ".cache")  # the tokenized-data cache, kept out of the user's home
-
-
-def run(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, TRAIN, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
-        cmd += args
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": CACHE}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
-    return result
-
-
-def common(model: str, data: str, out, **overrides) -> list[str]:
-    flags = dict(
-        model_name_or_path=model, data_path=data, output_dir=str(out), model_max_length=256, learning_rate=1e-3,
-        warmup_ratio=0.2, seed=7, save_strategy="no", logging_steps=1, save_dtype="float32",
-    ) | overrides  # fmt: skip
-    return [item for k, v in flags.items() for item in (f"--{k}", str(v))]
-
-
-def metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def weights(out) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(out, "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict, tol: float, order_changed: bool = False) -> None:
-    """Every weight within tol. Where the runs add gradients up in different orders, AdamW, which divides by
-    sqrt(v) + eps, turns the rounding of a gradient near eps (a rare token's embedding) into a visible share of
-    lr: then one element in 100,000 may differ by up to 10x tol (seen: 1 of 2M at 1.3e-5, all others < 1e-6)."""
-    assert a.keys() == b.keys()
-    for name in a:
-        diff = (a[name] - b[name]).abs()
-        assert diff.max() <= (10 * tol if order_changed else tol), name
-        assert (diff > tol).sum() <= (diff.numel() // 100_000 if order_changed else 0), name
+from checkpoint import load_model
 
 
 def test_two_process_bf16_run_exports_a_transformers_model(tiny_model, alpaca_sample, tmp_path):
@@ -210,7 +162,8 @@ def test_bad_flags_give_one_line(flags, expected, tmp_path):
 
 def test_dry_run_memory_matches_measured_peak(tmp_path, tokenizer_model, alpaca_sample):
     """The dry run's per-rank memory for a CPU run against the peak resident memory that run reaches."""
-    from model import ModelArgs, Transformer, save_hf_checkpoint
+    from checkpoint import save_hf_checkpoint
+    from model import ModelArgs, Transformer
 
     args = ModelArgs(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, vocab_size=32000)
     torch.manual_seed(0)
