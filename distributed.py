@@ -10,7 +10,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 from torch.utils.checkpoint import checkpoint
@@ -81,6 +81,22 @@ def rank0_first(fn):
     return result if dist.get_rank() == 0 else fn()
 
 
+# The Trainer's --fsdp names. ZeRO-2 (shard_grad_op) does not reshard the weights after forward, so backward
+# gathers nothing again; hybrid shards within a machine and replicates across machines, so that only gradients
+# cross the network between them.
+FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2")
+
+
+def device_mesh(device: torch.device, strategy: str) -> DeviceMesh:
+    """1-D over all ranks, or for hybrid strategies 2-D: (machines, ranks per machine), torchrun's
+    LOCAL_WORLD_SIZE being the ranks of one machine."""
+    world_size = dist.get_world_size()
+    if not strategy.startswith("hybrid"):
+        return init_device_mesh(device.type, (world_size,))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return init_device_mesh(device.type, (world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
 def build_model(model_args: ModelArgs, args: argparse.Namespace, device: torch.device) -> Transformer:
     """On the meta device, sharded with FSDP2 block by block, then given (uninitialised) memory for this
     rank's shards only."""
@@ -89,7 +105,8 @@ def build_model(model_args: ModelArgs, args: argparse.Namespace, device: torch.d
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
     shard = partial(
         fully_shard,
-        mesh=init_device_mesh(device.type, (dist.get_world_size(),)),
+        mesh=device_mesh(device, args.fsdp_strategy),
+        reshard_after_forward=args.fsdp_strategy in ("full_shard", "hybrid_shard"),
         mp_policy=mp or MixedPrecisionPolicy(),
         offload_policy=CPUOffloadPolicy() if args.cpu_offload else OffloadPolicy(),
     )

@@ -64,11 +64,15 @@ def schedule(args: argparse.Namespace, n_records: int, world_size: int) -> Sched
     return Schedule(global_batch, steps_per_epoch, total_steps, math.ceil(args.warmup_ratio * total_steps))
 
 
-def memory_per_rank(args: argparse.Namespace, a: ModelArgs, ranks: int) -> dict[str, float]:
+def memory_per_rank(args: argparse.Namespace, a: ModelArgs, ranks: int, nodes: int) -> dict[str, float]:
     """Bytes per rank of each part of training, from the config alone."""
     act = 2 if args.bf16 else 4
     n_params = count_parameters(a)
+    shard_ranks = ranks // nodes if args.fsdp_strategy.startswith("hybrid") else ranks
     block = a.dim * a.head_dim * 2 * (a.n_heads + a.n_kv_heads) + 3 * a.dim * a.hidden_dim
+    gathered = 2 * act * max(block, 2 * a.dim * a.vocab_size)  # the unsharded block in use and the prefetched one
+    if args.fsdp_strategy.endswith(("shard_grad_op", "zero2")):
+        gathered = act * n_params  # ZeRO-2 keeps every block gathered from its forward to its backward
     tokens = args.per_device_train_batch_size * args.model_max_length
     # Saved for backward per token and layer: norms in fp32, q/k/v/attention/o and the SwiGLU intermediates.
     per_layer = act * (19 * a.dim + 4 * a.hidden_dim) + 8 * a.dim
@@ -76,13 +80,25 @@ def memory_per_rank(args: argparse.Namespace, a: ModelArgs, ranks: int) -> dict[
     return {
         # FSDP keeps 1/ranks of the fp32 weights, gradients and both AdamW moments on each rank; accumulating
         # without a reduce-scatter adds each block's unsharded fp32 gradient until the last micro-step.
-        "weights, grads, AdamW": 16 * n_params / ranks,
+        "weights, grads, AdamW": 16 * n_params / shard_ranks,
         "accumulated grads": 4 * n_params if args.gradient_accumulation_steps > 1 else 0,
-        # The unsharded block in use and the prefetched one.
-        "gathered blocks": 2 * act * max(block, 2 * a.dim * a.vocab_size),
+        "gathered blocks": gathered,
         "activations": tokens * (layers_kept * per_layer + a.n_layers * act * a.dim * args.gradient_checkpointing),
         "logits": 2 * 4 * min(4096, tokens) * a.vocab_size,  # one chunk of fp32 logits and its gradient
     }
+
+
+def network_bytes(args: argparse.Namespace, strategy: str, n_params: int, ranks: int, nodes: int) -> float:
+    """Bytes each machine sends to the others per optimizer step, with ring collectives (each ring crosses out
+    of a machine once)."""
+    if nodes == 1:
+        return 0.0
+    if strategy.startswith("hybrid"):
+        # Within a machine the gradients are reduce-scattered; across machines only the fp32 gradient shards
+        # are all-reduced between the replicas, once per step.
+        return 2 * (nodes - 1) / nodes * 4 * n_params
+    gathers = 1 if strategy == "shard_grad_op" else 2 * args.gradient_accumulation_steps
+    return (ranks - 1) / ranks * (gathers * (2 if args.bf16 else 4) + 4) * n_params
 
 
 def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, world_size: int, pad_id: int) -> None:
@@ -99,7 +115,8 @@ def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, w
     padding = padding_fraction(
         dataset, plan.global_batch, micro, args.packing, args.model_max_length, pad_id, args.seed
     )
-    memory = memory_per_rank(args, a, ranks)
+    nodes = args.dry_run_nodes
+    memory = memory_per_rank(args, a, ranks, nodes)
     on_cpu = args.dry_run_gpu == "cpu"
     if on_cpu:
         memory["runtime"] = peak_rss_bytes()  # python + torch
@@ -123,5 +140,13 @@ def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, w
         f"GFLOP per token, {epochs:.2f} epochs)\n"
         f"time (estimate)  {seconds / 3600:.2f} h on {ranks} x {args.dry_run_gpu} at {args.dry_run_mfu:.0%} MFU"
     )
+    if nodes > 1:
+        n_params, strategy = count_parameters(a), args.fsdp_strategy
+        flat = "full_shard" if strategy.startswith("hybrid") else "hybrid_shard"
+        print(
+            f"network per step {network_bytes(args, strategy, n_params, ranks, nodes) / gb:.1f} GB out of each of the "
+            f"{nodes} machines with {strategy} ({flat}: "
+            f"{network_bytes(args, flat, n_params, ranks, nodes) / gb:.1f} GB)"
+        )
     if not on_cpu and total / gb > args.dry_run_gpu_memory_gb:
         print(f"                 more than {args.dry_run_gpu_memory_gb:.0f} GB: try --gradient_checkpointing True")

@@ -28,6 +28,7 @@ from checkpoint import check_weights, read_args, save_hf_checkpoint
 from cli import ArgumentParser, str2bool
 from data import Batch, Dataset, epoch_steps, load_dataset, rank_micro_batches
 from distributed import (
+    FSDP_STRATEGIES,
     build_model,
     full_tensors,
     load_sharded_weights,
@@ -108,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the final export")
     g("--dry_run", action="store_true", help="print the memory, steps and time this run would take; train nothing")
     g("--dry_run_gpus", type=int, help="world size to plan for (default: this launch's)")
+    g("--dry_run_nodes", type=int, default=1, help="machines the --dry_run_gpus are spread over (default: 1)")
     g("--dry_run_gpu", default="A100", help=f"device to plan for: cpu or one of {', '.join(GPU_PEAK_FLOPS)}")
     g("--dry_run_records", type=int, help="plan for this many records with the data's length distribution")
     g("--dry_run_gpu_memory_gb", type=float, default=80)
@@ -134,10 +136,20 @@ def check_args(args: argparse.Namespace) -> None:
             f"--deepspeed {args.deepspeed}: DeepSpeed is not used here; its CPU offload of parameters and "
             "optimizer state is --cpu_offload True (FSDP CPU offload)"
         )
-    fsdp = set(args.fsdp.split())
-    if not fsdp <= {"full_shard", "auto_wrap", "offload"}:
-        raise ValueError(f"--fsdp {args.fsdp!r}: only 'full_shard auto_wrap' (optionally 'offload') is supported")
-    args.cpu_offload = args.cpu_offload or "offload" in fsdp
+    words = args.fsdp.split()
+    strategies = [word for word in words if word in FSDP_STRATEGIES]
+    if len(strategies) != 1 or "auto_wrap" not in words or not set(words) <= {*FSDP_STRATEGIES, "auto_wrap", "offload"}:
+        raise ValueError(
+            f"--fsdp {args.fsdp!r}: expected one of {', '.join(FSDP_STRATEGIES)}, then auto_wrap (each decoder "
+            "layer is its own FSDP unit), optionally offload"
+        )
+    args.fsdp_strategy = strategies[0]
+    args.cpu_offload = args.cpu_offload or "offload" in words
+    if args.cpu_offload and not torch.cuda.is_available():
+        raise ValueError(
+            "--cpu_offload: FSDP's CPU offload keeps the state in CPU memory and computes on a GPU, and this machine "
+            "has none; without a GPU, training already runs in CPU memory: leave the flag out"
+        )
     if args.fsdp_transformer_layer_cls_to_wrap not in ("LlamaDecoderLayer", "Block"):
         raise ValueError(
             f"--fsdp_transformer_layer_cls_to_wrap {args.fsdp_transformer_layer_cls_to_wrap!r}: "
@@ -160,7 +172,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ["adam_beta1", "adam_beta2"]:
         if not 0 <= getattr(args, name) < 1:
             raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    for name in ["dry_run_gpus", "dry_run_records"]:
+    for name in ["dry_run_gpus", "dry_run_nodes", "dry_run_records"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.save_total_limit is not None and args.save_total_limit < 1:
@@ -210,8 +222,14 @@ def train_step(model, optimizer, micro_batches, n_supervised: int, lr: float, ar
     # Every input goes to the device before any compute is queued: a copy issued between micro-steps would
     # wait for the GPU to drain and leave it idle while the next forward is being launched.
     inputs = [model_inputs(batch, device) for batch in micro_batches]
+    # ZeRO-2 keeps the gathered weights from one micro-batch's forward to the last one's backward: one all-gather
+    # per step instead of two per micro-batch, for the memory of the whole bf16 model on each rank.
+    keep_gathered = args.fsdp_strategy in ("shard_grad_op", "hybrid_shard_zero2")
     for i, kwargs in enumerate(inputs):
-        model.set_requires_gradient_sync(i == len(inputs) - 1)
+        last = i == len(inputs) - 1
+        model.set_requires_gradient_sync(last)
+        if keep_gathered:
+            model.set_reshard_after_backward(last)
         loss = model(**kwargs)
         (loss * scale).backward()
         summed_loss += loss.detach()

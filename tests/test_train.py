@@ -4,12 +4,13 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, common, metrics, run, weights
+from conftest import CACHE, ROOT, TRAIN, assert_same_weights, common, metrics, run, weights
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from checkpoint import load_model
@@ -62,6 +63,36 @@ def test_two_processes_match_one_process_fp32(tiny_model, small_data, tmp_path):
     two = common(tiny_model, small_data, tmp_path / "two", gradient_accumulation_steps=2, **batch)
     run(one + ["--packing", "False"])
     run(two + ["--packing", "False"], nproc=2)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), 1e-5, order_changed=True)
+
+
+def test_shard_grad_op_matches_full_shard_fp32(tiny_model, small_data, tmp_path):
+    """ZeRO-2, its weights kept gathered over the micro-batches of a step, computes the same step as FSDP."""
+    flags = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, bf16=False)
+    run(common(tiny_model, small_data, tmp_path / "full", **flags), nproc=2)
+    run(common(tiny_model, small_data, tmp_path / "zero2", fsdp="shard_grad_op auto_wrap", **flags), nproc=2)
+    for a, b in zip(metrics(tmp_path / "full"), metrics(tmp_path / "zero2"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "zero2"), 1e-5, order_changed=True)
+
+
+def test_two_machines_hybrid_shard_match_one_machine_fp32(tiny_model, small_data, tmp_path):
+    """Two torchrun launchers (--nnodes 2, 2 processes each, a c10d rendezvous on 127.0.0.1) with hybrid_shard
+    export the weights of one launcher of 4 processes with full_shard."""
+    flags = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, bf16=False)
+    run(common(tiny_model, small_data, tmp_path / "one", **flags), nproc=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=hsdp-test", TRAIN]  # fmt: skip
+    launch += common(tiny_model, small_data, tmp_path / "two", fsdp="hybrid_shard auto_wrap", **flags)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": CACHE}
+    machines = [subprocess.Popen(launch, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [machine.communicate(timeout=300)[1] for machine in machines]
+    assert all(machine.returncode == 0 for machine in machines), errors
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), 1e-5, order_changed=True)
