@@ -12,6 +12,7 @@ at the end, gen/alpaca_data.json (instruction, input, output), which `train.py -
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -203,32 +204,29 @@ class InstructionPool:
     """The instructions new ones are compared with: the seed tasks', then every one kept, in order."""
 
     def __init__(self, instructions: list[str]):
-        self.texts: list[str] = []
-        self.ids: list[np.ndarray] = []
-        self.vocab: dict[str, int] = {}
-        for text in instructions:
-            self.add(text)
+        self.vocab: dict[str, int] = {}  # token -> id, for the tokens seen so far
+        self.texts = list(instructions)
+        self.ids = [self.encode(text) for text in self.texts]
 
     def encode(self, text: str) -> np.ndarray:
         return np.array([self.vocab.setdefault(t, len(self.vocab)) for t in rouge_tokens(text)], dtype=np.int64)
 
-    def add(self, text: str) -> None:
-        self.texts.append(text)
-        self.ids.append(self.encode(text))
 
-
-def deduplicate(items: list[dict], pool: InstructionPool, max_pairs: int = 1 << 21) -> list[dict]:
+def deduplicate(items: list[dict], pool: InstructionPool, max_pairs: int = 1 << 18) -> list[dict]:
     """The items to keep, in order, each with its 10 most similar instructions and their mean similarity,
     exactly as the original: an item is compared with the whole pool and every item kept before it, and
     dropped if any ROUGE-L F-measure exceeds 0.7. Kept items join the pool.
 
     The length bound (F <= 2 min(la, lb) / (la + lb)) would spare most pairs if only the decision were wanted,
     but a kept item stores the mean over all its pairs, so every pair is scored; rouge_l does them all at
-    once instead, max_pairs at a time (about 16 MB per array)."""
+    once instead, max_pairs at a time (2 MB arrays, which the caches hold)."""
     kept = []
-    chunk_size = max(1, max_pairs // max(1, len(pool.texts)))
-    for start in range(0, len(items), chunk_size):
-        chunk = items[start : start + chunk_size]
+    start = 0
+    while start < len(items):
+        # About max_pairs pairs against the pool, and at most max_pairs within the chunk.
+        size = max(1, min(max_pairs // max(1, len(pool.texts)), math.isqrt(max_pairs)))
+        chunk = items[start : start + size]
+        start += size
         chunk_ids = [pool.encode(item["instruction"]) for item in chunk]
         versus_pool = rouge_l(chunk_ids, pool.ids)
         versus_chunk = rouge_l(chunk_ids, chunk_ids)
