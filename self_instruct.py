@@ -489,32 +489,31 @@ def run(args: argparse.Namespace) -> None:
     complete = make_backend(args)
     pool = InstructionPool([task["instruction"] for task in seed_tasks] + [record["instruction"] for record in kept])
 
-    bar = tqdm(total=args.num_instructions_to_generate, initial=len(kept), unit="instruction", desc="kept")
-    while len(kept) < args.num_instructions_to_generate and (
-        args.max_requests is None or progress["requests"] < args.max_requests
-    ):
-        # One generator per request, seeded by its number: a restart draws what the run it resumes would have.
-        rng = random.Random(f"{args.seed}:{progress['requests']}") if args.seed is not None else random.Random()
-        prompts = [
-            encode_prompt(header, rng.sample(seed_tasks, args.num_prompt_instructions))
-            for _ in range(args.request_batch_size)
-        ]
-        choices = complete(prompts, rng.randrange(2**63))
-        items = [
-            item
-            for choice in choices
-            for item in parse_completion(choice["text"], choice["finish_reason"], args.num_prompt_instructions)
-        ]
-        new = deduplicate(items, pool)
-        kept += new
-        progress = {"requests": progress["requests"] + 1, "generated": progress["generated"] + len(items)}
-        # regen.json first: a crash between the two writes repeats a request whose items are then duplicates.
-        write_json_atomically(regen_path, kept)
-        write_json_atomically(progress_path, progress)
-        bar.update(len(new))
-        keep_rate = len(kept) / max(1, progress["generated"])
-        bar.set_postfix(requests=progress["requests"], keep_rate=f"{keep_rate:.0%}")
-    bar.close()
+    with tqdm(total=args.num_instructions_to_generate, initial=len(kept), unit="instruction", desc="kept") as bar:
+        while len(kept) < args.num_instructions_to_generate and (
+            args.max_requests is None or progress["requests"] < args.max_requests
+        ):
+            # One generator per request, seeded by its number: a restart draws what the run it resumes would have.
+            rng = random.Random(f"{args.seed}:{progress['requests']}") if args.seed is not None else random.Random()
+            prompts = [
+                encode_prompt(header, rng.sample(seed_tasks, args.num_prompt_instructions))
+                for _ in range(args.request_batch_size)
+            ]
+            choices = complete(prompts, rng.randrange(2**63))
+            items = [
+                item
+                for choice in choices
+                for item in parse_completion(choice["text"], choice["finish_reason"], args.num_prompt_instructions)
+            ]
+            new = deduplicate(items, pool)
+            kept += new
+            progress = {"requests": progress["requests"] + 1, "generated": progress["generated"] + len(items)}
+            # regen.json first: a crash between the two writes repeats a request whose items are then duplicates.
+            write_json_atomically(regen_path, kept)
+            write_json_atomically(progress_path, progress)
+            bar.update(len(new))
+            keep_rate = len(kept) / max(1, progress["generated"])
+            bar.set_postfix(requests=progress["requests"], keep_rate=f"{keep_rate:.0%}")
 
     data_path = os.path.join(args.output_dir, "alpaca_data.json")
     write_json_atomically(data_path, [{k: record[k] for k in ("instruction", "input", "output")} for record in kept])
