@@ -63,13 +63,13 @@ def read_seed_tasks(path: str) -> list[dict]:
                 task = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {line_no}: invalid JSON at column {e.colno}: {e.msg}") from None
-            instances = task.get("instances") if isinstance(task, dict) else None
+            task = task if isinstance(task, dict) else {}
+            instances = task.get("instances")
             first = instances[0] if isinstance(instances, list) and instances else None
-            if (
-                not isinstance(task.get("instruction") if isinstance(task, dict) else None, str)
-                or not isinstance(first, dict)
-                or not isinstance(first.get("input"), str)
-                or not isinstance(first.get("output"), str)
+            if not (
+                isinstance(task.get("instruction"), str)
+                and isinstance(first, dict)
+                and all(isinstance(first.get(field), str) for field in ("input", "output"))
             ):
                 raise ValueError(
                     f"{path}: line {line_no}: expected a task with a string 'instruction' and 'instances', "
@@ -148,7 +148,7 @@ def add_bit_vectors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def lcs_lengths(queries: list[np.ndarray], rows: list[np.ndarray]) -> np.ndarray:
     """The LCS length of every (query, row) pair of token-id sequences, shape (queries, rows).
 
-    Bit-parallel (Allison & Dix 1986, Hyyroe 2004): a query is a bit vector V, one bit per token, and each
+    Bit-parallel (Allison & Dix 1986, Hyyrö 2004): a query is a bit vector V, one bit per token, and each
     token t of a row updates it as U = V & match(t); V = (V + U) | (V - U). The zero bits of V then count
     the LCS. All pairs advance together, one row position per step; the rows are sorted longest first, so
     that a step touches only the rows still going, a prefix."""
@@ -217,9 +217,10 @@ def deduplicate(items: list[dict], pool: InstructionPool, max_pairs: int = 1 << 
     exactly as the original: an item is compared with the whole pool and every item kept before it, and
     dropped if any ROUGE-L F-measure exceeds 0.7. Kept items join the pool.
 
-    The length bound (F <= 2 min(la, lb) / (la + lb)) would spare most pairs if only the decision were wanted,
-    but a kept item stores the mean over all its pairs, so every pair is scored; rouge_l does them all at
-    once instead, max_pairs at a time (2 MB arrays, which the caches hold)."""
+    The length bound (F <= 2 min(la, lb) / (la + lb)) could spare only the pairs of dropped items, and few of
+    those, instructions being of similar lengths (BENCHMARKS.md): a kept item stores the mean over all its
+    pairs. So every pair is scored, all at once by rouge_l, max_pairs at a time (2 MB arrays, which the caches
+    hold)."""
     kept = []
     start = 0
     while start < len(items):
