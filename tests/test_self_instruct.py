@@ -1,6 +1,7 @@
 """self_instruct.py against a restatement of stanford_alpaca's generate_instruction.py that scores with
 rouge_score, behind a local HTTP server that serves canned completions; its local backend on the sample model."""
 
+import argparse
 import hashlib
 import json
 import os
@@ -348,7 +349,8 @@ def scripted(*responses):
 
 def test_retries_rate_limits_server_errors_and_shrinks_on_a_context_error(endpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(self_instruct, "RETRY_DELAY", 0.01)
-    too_long = b'{"error": {"message": "This model\'s maximum context length is 4097 tokens. Please reduce your prompt; or completion length."}}'  # noqa: E501
+    message = "This model's maximum context length is 4097 tokens. Please reduce your prompt; or completion length."
+    too_long = json.dumps({"error": {"message": message}}).encode()
     ok = completions([{"text": CANNED[2][0], "finish_reason": "stop"}])
     server = endpoint(scripted((429, b"{}"), (503, b"busy"), (400, too_long), (400, too_long), ok))
     args = ["--api_base", server.url, "--output_dir", str(tmp_path), "--seed_tasks_path", SEED_TASKS]
@@ -450,15 +452,9 @@ def test_the_sample_model_runs_the_loop_end_to_end(sample_model, tmp_path, capsy
     model = with_context(sample_model, tmp_path / "model", 1400)
     # The 6 shortest seed tasks: the prompts (at most 1,286 of the sample's tokens) leave room for 114 or more.
     lines = sorted((SHARED_DATA / "seed_tasks.jsonl").read_text().splitlines(), key=len)[:6]
+    seeds = str(tmp_path / "seeds.jsonl")
     (tmp_path / "seeds.jsonl").write_text("\n".join(lines))
-    args = [
-        "--model_path",
-        model,
-        "--output_dir",
-        str(tmp_path / "gen"),
-        "--seed_tasks_path",
-        str(tmp_path / "seeds.jsonl"),
-    ]  # noqa: E501
+    args = ["--model_path", model, "--output_dir", str(tmp_path / "gen"), "--seed_tasks_path", seeds]
     main(args + ["--request_batch_size", "2", "--max_requests", "1", "--seed", "0"])
     report = capsys.readouterr().out
     assert re.search(r"kept \d+ of \d+ instructions parsed from 1 requests", report), report
@@ -467,8 +463,6 @@ def test_the_sample_model_runs_the_loop_end_to_end(sample_model, tmp_path, capsy
 
 
 def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_model, tmp_path):
-    import argparse
-
     path = with_context(sample_model, tmp_path / "model", 64)
     model_args = argparse.Namespace(model_path=path, tokenizer=None, device=None, dtype=None, compile=False)
     _, tokenizer = load_tokenizer(model_args)
