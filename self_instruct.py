@@ -12,7 +12,6 @@ at the end, gen/alpaca_data.json (instruction, input, output), which `train.py -
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -145,52 +144,58 @@ def add_bit_vectors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return total
 
 
-def lcs_lengths(queries: list[np.ndarray], rows: list[np.ndarray]) -> np.ndarray:
-    """The LCS length of every (query, row) pair of token-id sequences, shape (queries, rows).
-
-    Bit-parallel (Allison & Dix 1986, Hyyrö 2004): a query is a bit vector V, one bit per token, and each
-    token t of a row updates it as U = V & match(t); V = (V + U) | (V - U). The zero bits of V then count
-    the LCS. All pairs advance together, one row position per step; the rows are sorted longest first, so
-    that a step touches only the rows still going, a prefix."""
+def lcs_lengths(queries: list[np.ndarray], rows: list[np.ndarray], max_pairs: int = 1 << 18) -> np.ndarray:
+    """The LCS length of every (query, row) pair of token-id sequences (ids >= 0), shape (queries, rows),
+    max_pairs pairs at a time (2 MB arrays, which the caches hold). The rows are sorted longest first, so
+    that a step of bit_parallel_lcs touches only the rows still going, a prefix."""
     lcs = np.zeros((len(queries), len(rows)), dtype=np.int64)
-    if not rows or max((len(q) for q in queries), default=0) == 0:
+    if not queries or not rows:
         return lcs
     row_lens = np.array([len(row) for row in rows])
     order = np.argsort(-row_lens, kind="stable")
     sorted_lens = row_lens[order]
     starts = np.concatenate([[0], np.cumsum(sorted_lens)[:-1]])
     flat = np.concatenate([rows[i] for i in order] + [np.zeros(0, dtype=np.int64)])
+    n_tokens = 1 + max(int(ids.max(initial=-1)) for ids in [flat, *queries])
+    size = max(1, max_pairs // len(rows))
+    for first in range(0, len(queries), size):
+        chunk = queries[first : first + size]
+        lcs[first : first + size, order] = bit_parallel_lcs(chunk, sorted_lens, starts, flat, n_tokens).T
+    return lcs
 
-    # match(t) of every query, for the tokens the queries hold; any other token matches nothing (the last row).
-    vocab = np.unique(np.concatenate(queries))
+
+def bit_parallel_lcs(
+    queries: list[np.ndarray], sorted_lens: np.ndarray, starts: np.ndarray, flat: np.ndarray, n_tokens: int
+) -> np.ndarray:
+    """LCS lengths (rows, queries) of rows given as their lengths (longest first), where each starts in flat.
+
+    Bit-parallel (Allison & Dix 1986, Hyyrö 2004): a query is a bit vector V, one bit per token, and each
+    token t of a row updates it as U = V & match(t); V = (V + U) | (V - U). The zero bits of V then count
+    the LCS. All pairs advance together, one row position per step."""
     n_words = max(1, -(-max(len(q) for q in queries) // 64))
-    match = np.zeros((len(vocab) + 1, len(queries), n_words), dtype=np.uint64)
+    match = np.zeros((n_tokens, len(queries), n_words), dtype=np.uint64)
     for i, query in enumerate(queries):
         positions = np.arange(len(query))
         bits = np.left_shift(np.uint64(1), (positions % 64).astype(np.uint64))
-        np.bitwise_or.at(match, (np.searchsorted(vocab, query), i, positions // 64), bits)
-    local = np.searchsorted(vocab, flat).clip(max=len(vocab) - 1)
-    local[vocab[local] != flat] = len(vocab)
+        np.bitwise_or.at(match, (query, i, positions // 64), bits)
 
-    v = np.full((len(rows), len(queries), n_words), ALL_ONES)
+    v = np.full((len(sorted_lens), len(queries), n_words), ALL_ONES)
     for j in range(int(sorted_lens[0])):
         going = int(np.count_nonzero(sorted_lens > j))
         active = v[:going]
-        u = active & match[local[starts[:going] + j]]
+        u = active & match[flat[starts[:going] + j]]
         v[:going] = add_bit_vectors(active, u) | (active ^ u)  # V - U is V ^ U: U's bits are all in V
 
     query_lens = np.array([len(q) for q in queries])
     bits_used = np.clip(query_lens[:, None] - 64 * np.arange(n_words), 0, 64).astype(np.uint64)
     masks = np.where(bits_used > 0, ALL_ONES >> (np.uint64(64) - bits_used.clip(min=1)), np.uint64(0))
-    ones = np.bitwise_count(v & masks).sum(axis=-1, dtype=np.int64)  # (rows, queries)
-    lcs[:, order] = (query_lens[None, :] - ones).T
-    return lcs
+    return query_lens[None, :] - np.bitwise_count(v & masks).sum(axis=-1, dtype=np.int64)
 
 
-def rouge_l(queries: list[np.ndarray], rows: list[np.ndarray]) -> np.ndarray:
+def rouge_l(queries: list[np.ndarray], rows: list[np.ndarray], max_pairs: int = 1 << 18) -> np.ndarray:
     """rouge_score's ROUGE-L F-measure (query as target, row as prediction) of every pair, with its float
     operations in its order, so that the values are the same to the last bit."""
-    lcs = lcs_lengths(queries, rows)
+    lcs = lcs_lengths(queries, rows, max_pairs)
     row_lens = np.array([len(row) for row in rows])
     query_lens = np.array([len(q) for q in queries])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -215,39 +220,30 @@ class InstructionPool:
 def deduplicate(items: list[dict], pool: InstructionPool, max_pairs: int = 1 << 18) -> list[dict]:
     """The items to keep, in order, each with its 10 most similar instructions and their mean similarity,
     exactly as the original: an item is compared with the whole pool and every item kept before it, and
-    dropped if any ROUGE-L F-measure exceeds 0.7. Kept items join the pool.
+    dropped if any ROUGE-L F-measure exceeds 0.7. Kept items join the pool. Items come a request's worth at a
+    time: all pairs among them are scored, kept or not.
 
     The length bound (F <= 2 min(la, lb) / (la + lb)) could spare only the pairs of dropped items, and few of
     those, instructions being of similar lengths (BENCHMARKS.md): a kept item stores the mean over all its
-    pairs. So every pair is scored, all at once by rouge_l, max_pairs at a time (2 MB arrays, which the caches
-    hold)."""
-    kept = []
-    start = 0
-    while start < len(items):
-        # About max_pairs pairs against the pool, and at most max_pairs within the chunk.
-        size = max(1, min(max_pairs // max(1, len(pool.texts)), math.isqrt(max_pairs)))
-        chunk = items[start : start + size]
-        start += size
-        chunk_ids = [pool.encode(item["instruction"]) for item in chunk]
-        versus_pool = rouge_l(chunk_ids, pool.ids)
-        versus_chunk = rouge_l(chunk_ids, chunk_ids)
-        kept_here: list[int] = []
-        for i, item in enumerate(chunk):
-            scores = np.concatenate([versus_pool[i], versus_chunk[i, kept_here]])
-            if scores.max() > SIMILARITY_LIMIT:
-                continue
-            # Ties fall as numpy's argsort leaves them, on the same array as the original's.
-            top = np.argsort(scores)[-10:][::-1]
-            n = len(pool.texts)
-            names = [pool.texts[j] if j < n else chunk[kept_here[j - n]]["instruction"] for j in top]
-            item["most_similar_instructions"] = {name: float(scores[j]) for name, j in zip(names, top, strict=True)}
-            item["avg_similarity_score"] = float(np.mean(scores))
-            kept_here.append(i)
-        for i in kept_here:
-            pool.texts.append(chunk[i]["instruction"])
-            pool.ids.append(chunk_ids[i])
-            kept.append(chunk[i])
-    return kept
+    pairs. So every pair is scored, all at once by rouge_l."""
+    ids = [pool.encode(item["instruction"]) for item in items]
+    versus_pool = rouge_l(ids, pool.ids, max_pairs)
+    versus_items = rouge_l(ids, ids, max_pairs)
+    n = len(pool.texts)
+    kept: list[int] = []
+    for i, item in enumerate(items):
+        scores = np.concatenate([versus_pool[i], versus_items[i, kept]])
+        if scores.max() > SIMILARITY_LIMIT:
+            continue
+        # Ties fall as numpy's argsort leaves them, on the same array as the original's.
+        top = np.argsort(scores)[-10:][::-1]
+        names = [pool.texts[j] if j < n else items[kept[j - n]]["instruction"] for j in top]
+        item["most_similar_instructions"] = {name: float(scores[j]) for name, j in zip(names, top, strict=True)}
+        item["avg_similarity_score"] = float(np.mean(scores))
+        kept.append(i)
+    pool.texts += [items[i]["instruction"] for i in kept]
+    pool.ids += [ids[i] for i in kept]
+    return [items[i] for i in kept]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -235,8 +235,8 @@ def test_rouge_l_equals_rouge_score_on_1000_random_pairs(alpaca_sample):
     assert np.count_nonzero(ours) > 800  # most pairs share a word or more
 
 
-@pytest.mark.parametrize("max_pairs", [1 << 21, 2000])  # one chunk; many small ones
-def test_deduplicate_keeps_what_the_original_keeps(alpaca_sample, max_pairs):
+@pytest.mark.parametrize("per_call, max_pairs", [(1000, 1 << 18), (7, 500)])  # all in one call; in many
+def test_deduplicate_keeps_what_the_original_keeps(alpaca_sample, per_call, max_pairs):
     rng = random.Random(1)
     records = json.loads(alpaca_sample.read_text())[:120]
     entries = []
@@ -249,7 +249,10 @@ def test_deduplicate_keeps_what_the_original_keeps(alpaca_sample, max_pairs):
     seeds = [t["instruction"] for t in seed_tasks()]
     expected: list[dict] = []
     reference_dedup([dict(e) for e in entries], list(seeds), expected)
-    kept = deduplicate([dict(e) for e in entries], InstructionPool(seeds), max_pairs)
+    pool = InstructionPool(seeds)
+    kept = []
+    for start in range(0, len(entries), per_call):
+        kept += deduplicate([dict(e) for e in entries[start : start + per_call]], pool, max_pairs)
     assert 100 < len(expected) < len(entries)
     assert json.dumps(kept) == json.dumps(expected)  # the order of the dicts and every bit of the floats too
 
