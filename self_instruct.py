@@ -27,7 +27,7 @@ import numpy as np
 from torch import Tensor
 from tqdm import tqdm
 
-from generate import TextStream, generate_ids, load_tokenizer, load_weights
+from generate import generate_ids, load_tokenizer, load_weights
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -36,6 +36,7 @@ Complete = Callable[[list[str], int], list[dict]]  # (prompts, sampling seed) ->
 PROMPT_HEADER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "self_instruct_prompt.txt")
 MAX_TOKENS = 3072  # the original asks for the most it can get; an endpoint that refuses gets 0.8x as much
 STOP = ["\n20", "20.", "20."]  # the original's list, its repeat included
+STOP_WINDOW = 16  # tokens that hold any 3 characters, even spelled as 4 UTF-8 byte tokens each
 SIMILARITY_LIMIT = 0.7  # an instruction whose ROUGE-L F-measure with any earlier one exceeds this is dropped
 BLOCKED_WORDS = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
@@ -336,15 +337,15 @@ def complete_locally(
                 f"prompt {i + 1} of this request is {len(ids)} tokens long, but the model's context is {context} "
                 "(max_position_embeddings): use a model with a longer context, or fewer --num_prompt_instructions"
             )
-    streams = [TextStream(tokenizer) for _ in prompts]
-    texts = [""] * len(prompts)
+    so_far: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
 
     def watch_for_stops(tokens: list[int]) -> list[bool]:
         for i, token in enumerate(tokens):
             if not stopped[i]:
-                texts[i] += streams[i].add(token)
-                stopped[i] = any(s in texts[i] for s in stop)
+                so_far[i].append(token)
+                # Only the last tokens can hold a stop string just completed: decoding all would be quadratic.
+                stopped[i] = any(s in tokenizer.decode(so_far[i][-STOP_WINDOW:]) for s in stop)
         return stopped
 
     answers = generate_ids(

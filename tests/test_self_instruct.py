@@ -471,6 +471,8 @@ def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_mo
     _, tokenizer = load_tokenizer(model_args)
     model, decode_step = load_weights(model_args)
     prompts = ["###\n1. Instruction: What is the largest of 3, 5?", "Count the numbers in 1, 8, 8."]
+    steps = []
+    counting_step = lambda *args: steps.append(1) or (decode_step or model)(*args)
     for prompt in prompts:
         (choice,) = complete_locally(model, tokenizer, decode_step, [prompt], 0.0, 1.0, None, stop=[])
         prompt_ids = tokenizer.encode(prompt, bos=True)
@@ -480,5 +482,7 @@ def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_mo
         text = choice["text"]
         assert len(text) > 6
         stop = text[len(text) // 2 : len(text) // 2 + 2]
-        (cut,) = complete_locally(model, tokenizer, decode_step, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
+        steps.clear()
+        (cut,) = complete_locally(model, tokenizer, counting_step, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
         assert cut == {"text": text[: text.find(stop)], "finish_reason": "stop"}
+        assert len(steps) < len(answer) - 1  # the answer stopped there, not only its text
