@@ -467,9 +467,18 @@ def save_tokenizer_files(out_dir: str, tokenizer_path: str, args: ModelArgs) -> 
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
 
 
-def write_json(path: str, obj: dict | list) -> None:
-    """Indented JSON, written aside and renamed into place: a reader never sees half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+def write_json(path: str, obj: dict | list, indent: int = 2) -> None:
+    """Indented JSON, written aside, flushed to disk and renamed into place: a reader, or a run resumed after a
+    crash, never sees half a file."""
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
