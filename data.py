@@ -1,6 +1,6 @@
 """Alpaca instruction data: JSON records -> prompts -> token ids and masked labels -> batches.
 
-Tokenization follows the original Stanford pipeline exactly (see SPEC "Data semantics"); the result is cached
+Tokenization follows the original Stanford pipeline exactly, mask boundary included; the result is cached
 on disk so a second run starts at once. Batches come in two kinds: the original right-padded micro-batches,
 and packed rows that hold several records each, with document boundaries the model must respect.
 
@@ -9,7 +9,6 @@ and packed rows that hold several records each, with document boundaries the mod
 Record indices in messages and dumps count from 0, in file order.
 """
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cli import ArgumentParser
 from tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels that are not supervised; also PyTorch cross_entropy's default ignore_index
@@ -60,20 +60,21 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "null")
 
 
-def _check_record(record: object, where: str) -> tuple[str, str, str]:
-    """(instruction, input, output) of one record; `where` names the file and record for the error."""
+def _check_record(record: object, where: str, need_output: bool) -> tuple[str, str, str]:
+    """(instruction, input, output) of one record; `where` names the file and record for the error. Without
+    need_output (prompts to answer), a missing output is ""."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object with 'instruction', 'input', 'output', got {_json_type(record)}")
-    for field in ("instruction", "output"):
+    for field in ("instruction", "output") if need_output else ("instruction",):
         if field not in record:
             raise ValueError(f"{where}: missing field '{field}' (expected a string)")
     for field in ("instruction", "input", "output"):
         if field in record and not isinstance(record[field], str):
             raise ValueError(f"{where}: field '{field}' must be a string, got {_json_type(record[field])}")
-    return record["instruction"], record.get("input", ""), record["output"]
+    return record["instruction"], record.get("input", ""), record.get("output", "")
 
 
-def _parse_json_lines(text: str, path: str) -> list[tuple[str, str, str]]:
+def _parse_json_lines(text: str, path: str, need_output: bool) -> list[tuple[str, str, str]]:
     records = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks on.
     for line_no, line in enumerate(text.split("\n"), start=1):
@@ -83,33 +84,39 @@ def _parse_json_lines(text: str, path: str) -> list[tuple[str, str, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {line_no}: invalid JSON at column {e.colno}: {e.msg}") from None
-        records.append(_check_record(record, f"{path}: record {len(records)} (line {line_no})"))
+        records.append(_check_record(record, f"{path}: record {len(records)} (line {line_no})", need_output))
     return records
 
 
-def _parse_json(text: str, path: str) -> list[tuple[str, str, str]]:
+def _parse_json(text: str, path: str, need_output: bool) -> list[tuple[str, str, str]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         # Several objects one after another: JSON Lines under a .json name (as `datasets` writes them).
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _parse_json_lines(text, path)
+            return _parse_json_lines(text, path, need_output)
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {_json_type(data)}")
-    return [_check_record(record, f"{path}: record {i}") for i, record in enumerate(data)]
+    return [_check_record(record, f"{path}: record {i}", need_output) for i, record in enumerate(data)]
 
 
-def _parse_records(raw: bytes, path: str) -> list[tuple[str, str, str]]:
-    """Records of an Alpaca JSON file (a list of objects) or a JSON Lines file (one object per line)."""
+def decode_text(raw: bytes, path: str) -> str:
+    """A file's bytes as UTF-8 text; an error names the line and column of the first bad byte."""
     try:
-        text = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
+        return raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         column = e.start - raw.rfind(b"\n", 0, e.start)
         byte = raw[e.start]
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at line {line}, column {column})") from None
-    records = _parse_json_lines(text, path) if path.endswith(".jsonl") else _parse_json(text, path)
+
+
+def parse_records(text: str, path: str, need_output: bool = True) -> list[tuple[str, str, str]]:
+    """(instruction, input, output) of each record of an Alpaca JSON file (a list of objects) or a JSON Lines
+    file (one object per line), validated. Without need_output (prompts to answer), the output may be absent."""
+    parse = _parse_json_lines if path.endswith(".jsonl") else _parse_json
+    records = parse(text, path, need_output)
     if not records:
         raise ValueError(f"{path}: no records (expected objects with 'instruction', 'input' and 'output')")
     return records
@@ -242,7 +249,7 @@ def _write_cache(path: str, dataset: Dataset) -> None:
 def read_records(data_path: str) -> list[tuple[str, str, str]]:
     """(instruction, input, output) of every record of an Alpaca JSON or JSON Lines file, validated."""
     with open(data_path, "rb") as f:
-        return _parse_records(f.read(), data_path)
+        return parse_records(decode_text(f.read(), data_path), data_path)
 
 
 def load_dataset(
@@ -263,7 +270,7 @@ def load_dataset(
     dataset = _read_cache(cache_path)
     if dataset is not None:
         return dataset
-    records = _parse_records(raw, data_path)
+    records = parse_records(decode_text(raw, data_path), data_path)
     dataset = _tokenize(records, tokenizer, model_max_length, os.path.basename(data_path))
     if len(dataset) == 0:
         raise ValueError(
@@ -405,7 +412,7 @@ def padding_fraction(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Tokenize Alpaca data and print statistics.")
+    parser = ArgumentParser(description="Tokenize Alpaca data and print statistics.")
     parser.add_argument("data", help="Alpaca JSON (a list of records) or JSON Lines file")
     parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
     parser.add_argument("--model_max_length", type=int, default=512)
@@ -415,8 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cache_dir", help="where tokenized data is cached (default ~/.cache/alpaca_tokens)")
     parser.add_argument("--dump", metavar="FILE", help="write each kept record's input_ids and labels as JSON Lines")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         tokenizer = Tokenizer(args.tokenizer)
         dataset = load_dataset(args.data, tokenizer, args.model_max_length, args.cache_dir)
         n_records = len(dataset) + dataset.dropped

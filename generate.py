@@ -16,15 +16,15 @@ import sys
 import warnings
 from collections.abc import Callable
 from functools import partial
-from typing import NoReturn
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data import format_prompt, load_dataset, rank_micro_batches, read_records
-from lora_io_draft import is_adapter_dir, load_adapter, read_adapter_config
-from model import ModelArgs, Transformer, cap_cpu_kernel_caches, load_model, merge_lora, read_args
+from checkpoint import is_adapter_dir, load_adapter, load_model, read_adapter_config, read_args
+from cli import ArgumentParser
+from data import decode_text, format_prompt, load_dataset, parse_records, rank_micro_batches, read_records
+from model import ModelArgs, Transformer, cap_cpu_kernel_caches, merge_lora
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL_PATH = "out"  # where train.py writes its final model by default
@@ -35,7 +35,7 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
     the softmax at that temperature, cut to the top_k most likely tokens (0: no cut) and then to the nucleus,
     the fewest most likely tokens whose probability reaches top_p (1: no cut)."""
     if temperature == 0:
-        return logits.max(dim=-1).indices  # the first maximum, like argmax, which is 3x slower in bf16 on the CPU
+        return logits.max(dim=-1).indices  # the first maximum, like argmax, which is slower in bf16 on the CPU
     logits = logits.float() / temperature
     if top_k > 0:
         kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -152,7 +152,7 @@ def use_cpu_decoding_layout(model: Transformer) -> None:
     """Stores every linear weight in oneDNN's packed layout, the one the CPU's matrix-vector products read
     fastest, with q/k/v and gate/up fused (Transformer.fuse_projections); the values do not change. Decoding one
     row multiplies a vector by each weight in turn, which is memory-bound, and oneDNN streams packed weights
-    1.2-2.2x faster than MKL reads plain ones (BENCHMARKS.md). Needs oneDNN, and for bf16 a CPU with native bf16
+    faster than MKL reads plain ones (BENCHMARKS.md). Needs oneDNN, and for bf16 a CPU with native bf16
     products; otherwise the model stays as it is. CUDA's products (cuBLAS) need no such change."""
     dtype = model.embed_tokens.weight.dtype
     packable = torch.backends.mkldnn.is_available() and (
@@ -173,10 +173,9 @@ def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
     """The model compiled for decoding steps (torch.compile, as gpt-fast does), to pass to generate_ids as
     decode_step; prompts still run through the model as it is. The weights are frozen into the compiled code
     (a later change to them is not seen), max-autotune lets Inductor use its own matrix-vector kernels where
-    they beat the library's, and the work between the products is fused: on the CPU this decodes 1.1-2.2x as
-    fast as the oneDNN-packed layout (BENCHMARKS.md). q/k/v and gate/up are fused first
-    (Transformer.fuse_projections). The first step compiles, and so does the first step with a new batch size
-    or a longer KV cache: about 50 s on 2 CPU cores."""
+    they beat the library's, and the work between the products is fused (BENCHMARKS.md compares it with the
+    oneDNN-packed layout). q/k/v and gate/up are fused first (Transformer.fuse_projections). The first step
+    compiles, and so does the first step with a new batch size or a longer KV cache: about a minute on a CPU."""
     from torch._inductor import config  # 1 s to import, so not for every run of generate.py
 
     model.fuse_projections()
@@ -288,36 +287,22 @@ def evaluate(
 
 
 def read_prompts(path: str) -> list[tuple[str, str]]:
-    """(instruction, input) pairs from a file, or stdin for "-": Alpaca JSON (a list of records with
-    `instruction` and optional `input`) if the text starts with '[', else one prompt per non-blank line."""
+    """(instruction, input) pairs from a file, or stdin for "-": Alpaca JSON or JSON Lines records (instruction and
+    optional input, validated as training data is) if the text starts with '[' or '{', else one prompt per
+    non-blank line."""
     if path == "-":
         raw, path = sys.stdin.buffer.read(), "<stdin>"
     else:
         with open(path, "rb") as f:
             raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if not text.lstrip().startswith("["):
+    text = decode_text(raw, path)
+    if not text.lstrip().startswith(("[", "{")):
         return [(line, "") for line in text.splitlines() if line.strip()]
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:  # reading it as lines instead would be a silently wrong run
-        raise ValueError(f"{path}: starts with '[' but is not valid JSON ({e})") from None
-    prompts = []
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: record {i}: expected an object, got {type(record).__name__}")
-        instruction, input = record.get("instruction"), record.get("input", "")
-        if not isinstance(instruction, str) or not isinstance(input, str):
-            raise ValueError(f"{path}: record {i}: expected string fields 'instruction' and (optional) 'input'")
-        prompts.append((instruction, input))
-    return prompts
+    return [(instruction, input) for instruction, input, _ in parse_records(text, path, need_output=False)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Answer instructions with an Alpaca-tuned LLaMA. A prompt is wrapped in the Alpaca template "
         "(the one with an input section if --input is given), and only the answer is printed, streamed as it "
         "is produced, up to EOS or --max_new_tokens. A prompt that leaves no room for an answer in the model's "
@@ -371,34 +356,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decoding step: tokens come faster (1.1-2.2x on the CPU) after about a minute "
+        help="torch.compile the decoding step: tokens come faster after about a minute "
         "of compiling, again for each new batch size; worth it for long answers and many prompts",
     )
 
-    def fail(message: str) -> NoReturn:  # one line, like every other user error, instead of usage + error
-        sys.exit(f"error: {message}")
-
-    parser.error = fail
     args = parser.parse_args(argv)
     if [args.prompt, args.prompts, args.eval_data].count(None) != 2:
-        fail("give one prompt, or --prompts FILE (or - for stdin), or --eval_data FILE")
+        raise ValueError("give one prompt, or --prompts FILE (or - for stdin), or --eval_data FILE")
     if args.eval_data is not None and (args.raw or args.input is not None):
-        fail("--eval_data takes the instructions and inputs from its records, in the Alpaca template")
+        raise ValueError("--eval_data takes the instructions and inputs from its records, in the Alpaca template")
     if args.prompts is not None and args.input is not None:
-        fail("--input goes with a single prompt; give inputs in Alpaca JSON records with --prompts")
+        raise ValueError("--input goes with a single prompt; give inputs in Alpaca JSON records with --prompts")
     if args.raw and args.input is not None:
-        fail("--raw uses the prompt as it is, so there is no template to put --input in")
+        raise ValueError("--raw uses the prompt as it is, so there is no template to put --input in")
     if not args.temperature >= 0:
-        fail(f"--temperature must be >= 0, got {args.temperature}")
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
-        fail(f"--top_p must be in (0, 1], got {args.top_p}")
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
     for flag in ("top_k", "max_new_tokens", "batch_size"):
         lowest = 0 if flag == "top_k" else 1
         if getattr(args, flag) < lowest:
-            fail(f"--{flag} must be >= {lowest}, got {getattr(args, flag)}")
+            raise ValueError(f"--{flag} must be >= {lowest}, got {getattr(args, flag)}")
     if args.model_path is None:
         if not os.path.isdir(DEFAULT_MODEL_PATH):
-            fail(f"no model in ./{DEFAULT_MODEL_PATH} (where train.py exports): pass --model_path DIR")
+            raise ValueError(f"no model in ./{DEFAULT_MODEL_PATH} (where train.py exports): pass --model_path DIR")
         args.model_path = DEFAULT_MODEL_PATH
     return args
 
@@ -449,7 +430,7 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[ModelArgs, Tokenizer]:
     return model_args, tokenizer
 
 
-def load_weights(args: argparse.Namespace) -> tuple[Transformer, Callable[..., Tensor] | None]:
+def load_for_decoding(args: argparse.Namespace) -> tuple[Transformer, Callable[..., Tensor] | None]:
     """The model, and the decoding step to pass to generate_ids (None: the model itself)."""
     device = pick_device(args.device)
     if device.type == "cpu":
@@ -470,7 +451,7 @@ def load_weights(args: argparse.Namespace) -> tuple[Transformer, Callable[..., T
 def run_eval(args: argparse.Namespace) -> None:
     model_args, tokenizer = load_tokenizer(args)
     load_dataset(args.eval_data, tokenizer, model_args.max_seq_len)  # every record checked before the slow load
-    model, decode_step = load_weights(args)
+    model, decode_step = load_for_decoding(args)
     matches, n_records, loss = evaluate(
         model, tokenizer, args.eval_data, args.batch_size, args.max_new_tokens, decode_step
     )
@@ -498,7 +479,7 @@ def run(args: argparse.Namespace) -> None:
     model_args, tokenizer = load_tokenizer(args)
     prompt_ids = [tokenizer.encode(text, bos=True) for text in texts]
     check_prompt_lengths(prompt_ids, model_args.max_seq_len)  # all of them, before the first batch runs
-    model, decode_step = load_weights(args)
+    model, decode_step = load_for_decoding(args)
 
     for start in range(0, len(prompts), args.batch_size):
         batch = prompt_ids[start : start + args.batch_size]
@@ -528,9 +509,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
     try:
-        run(args)
+        run(parse_args(argv))
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as the Python docs recommend
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

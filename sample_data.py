@@ -12,7 +12,6 @@ SentencePiece model (LLaMA's, say) is copied instead of training one, and the mo
 
 import argparse
 import io
-import json
 import os
 import random
 import sys
@@ -22,8 +21,10 @@ import sentencepiece as spm
 import torch
 from torch import nn
 
+from checkpoint import save_hf_checkpoint, write_json
+from cli import ArgumentParser
 from data import format_prompt
-from model import ModelArgs, Transformer, count_parameters, save_hf_checkpoint
+from model import ModelArgs, Transformer, count_parameters
 from tokenizer import Tokenizer
 
 N_TRAIN = 7500  # 3 epochs of 32-record steps: 705 optimizer steps, about 2 minutes on 2 CPU cores
@@ -164,19 +165,13 @@ def write_model(out_dir: str, tokenizer_path: str, seed: int) -> ModelArgs:
     return args
 
 
-def write_json(path: str, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1)
-        f.write("\n")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="sample", help="output directory (default: sample)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the records and the weights (default: 0)")
     parser.add_argument("--tokenizer", help="copy this SentencePiece model (e.g. LLaMA's) instead of training one")
-    args = parser.parse_args()
     try:
+        args = parser.parse_args()
         if args.tokenizer is not None:
             Tokenizer(args.tokenizer)  # fails with one line before anything is written
         train, heldout = make_records(N_TRAIN, N_HELDOUT, args.seed)

@@ -23,9 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from checkpoint import load_model  # noqa: E402
 from data import format_prompt  # noqa: E402
 from generate import compile_decoding, generate_ids, use_cpu_decoding_layout  # noqa: E402
-from model import load_model  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 TOKENIZER = ROOT.parent / "shared" / "data" / "llama_tokenizer.model"

@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
-from model import ModelArgs, Transformer, count_parameters, save_hf_checkpoint  # noqa: E402
+from checkpoint import save_hf_checkpoint  # noqa: E402
+from model import ModelArgs, Transformer, count_parameters  # noqa: E402
 
 LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--lora_target_modules", "q_proj,v_proj"]
 

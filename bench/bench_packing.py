@@ -20,7 +20,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 sys.path.insert(0, ROOT)
-from model import ModelArgs, Transformer, save_hf_checkpoint  # noqa: E402
+from checkpoint import save_hf_checkpoint  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 
 
 def run(model: str, out: str, packing: bool, nproc: int) -> list[dict]:

@@ -22,7 +22,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import ModelArgs, Transformer, save_hf_checkpoint  # noqa: E402
+from checkpoint import save_hf_checkpoint  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 
 
 def write_checkpoint(path: str, args: ModelArgs, tokenizer: str) -> None:

@@ -1,4 +1,4 @@
-"""Peak resident memory of model.load_model on a ~1 GB safetensors checkpoint, as a ratio to its size.
+"""Peak resident memory of checkpoint.load_model on a ~1 GB safetensors checkpoint, as a ratio to its size.
 
     python bench/load_memory.py [--gb 1.0]
 
@@ -17,15 +17,16 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelArgs, Transformer, save_hf_checkpoint  # noqa: E402
+from checkpoint import save_hf_checkpoint  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 
 LOAD = """
 import sys; sys.path.insert(0, {root!r})
-import torch, model
+import torch, model, checkpoint
 with torch.device("meta"):
     model.Transformer(model.ModelArgs(dim=64, n_layers=1, n_heads=4, hidden_dim=128, vocab_size=100))
 if {load}:
-    model.load_model({path!r})
+    checkpoint.load_model({path!r})
 """
 
 

@@ -22,11 +22,12 @@ from types import SimpleNamespace
 import pytest
 import sentencepiece as spm
 import torch
-from test_train import CACHE, ROOT, TRAIN, assert_same_weights, common, metrics, run, weights
+from conftest import CACHE, ROOT, TRAIN, assert_same_weights, common, metrics, run, weights
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from checkpoint import save_hf_checkpoint
 from data import PROMPT_INPUT, PROMPT_NO_INPUT
-from model import ModelArgs, Transformer, save_hf_checkpoint
+from model import ModelArgs, Transformer
 
 GENERATE = os.path.join(ROOT, "generate.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": CACHE}
@@ -209,9 +210,9 @@ def test_memory_stays_flat_over_300_steps(small_vocab_model, small_data, tmp_pat
 
 NEW_LENGTH_EVERY_STEP = """
 import torch
-import train
+from distributed import tune_cpu_allocations
 from model import ModelArgs, Transformer
-train.tune_cpu_allocations()
+tune_cpu_allocations()
 torch.manual_seed(0)
 model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000)).to(torch.bfloat16)
 optimizer = torch.optim.AdamW(model.parameters())
@@ -228,7 +229,7 @@ print(rss[29], rss[-1])
 
 def test_memory_stays_flat_when_every_step_has_a_new_length():
     """bf16 matmuls on the CPU are compiled per shape and cached, up to 1024 of them in each of two caches
-    unless train.tune_cpu_allocations caps them: 150 steps, each one token longer than the last. Uncapped,
+    unless distributed.tune_cpu_allocations caps them: 150 steps, each one token longer than the last. Uncapped,
     resident memory grew by 60% between step 30 and step 150."""
     out = subprocess.run([sys.executable, "-c", NEW_LENGTH_EVERY_STEP], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, check=True)  # fmt: skip

@@ -13,9 +13,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import generate
+from checkpoint import load_model
 from data import format_prompt
 from generate import TextStream, compile_decoding, generate_ids, sample, use_cpu_decoding_layout
-from model import load_model
 from tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 128
@@ -395,8 +395,8 @@ def test_cli_compile_gives_the_same_answers(monkeypatch, tmp_path, model_dir, mo
         (["--top_p", "1.5", "Hi"], "--top_p must be in (0, 1], got 1.5"),
         (["--top_k", "-2", "Hi"], "--top_k must be >= 0"),
         (["--max_new_tokens", "0", "Hi"], "--max_new_tokens must be >= 1"),
-        (["--prompts", "{tmp}/bad.json"], "bad.json: starts with '[' but is not valid JSON"),
-        (["--prompts", "{tmp}/no_instruction.json"], "no_instruction.json: record 1: expected string fields"),
+        (["--prompts", "{tmp}/bad.json"], "bad.json: invalid JSON at line 1, column 23"),
+        (["--prompts", "{tmp}/no_instruction.json"], "no_instruction.json: record 1: missing field 'instruction'"),
         (["--prompts", "{tmp}/empty.txt"], "empty.txt: no prompts"),
         (["--raw", "--input", "x", "Hi"], "--raw uses the prompt as it is"),
         (["--raw", "--prompts", "{tmp}/with_input.json"], "with_input.json: record 1 has an input, which --raw"),

@@ -11,14 +11,14 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, assert_same_weights, common, metrics, run, weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from test_train import ROOT, assert_same_weights, common, metrics, run, weights
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
-from lora_io_draft import adapter_config, load_adapter, save_adapter
-from model import LORA_TARGETS, apply_lora, load_model, merge_lora
+from checkpoint import adapter_config, load_adapter, load_model, save_adapter
+from model import LORA_TARGETS, apply_lora, merge_lora
 
 GENERATE = os.path.join(ROOT, "generate.py")
 

@@ -8,20 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import hf_to_meta_qk
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import (
-    ModelArgs,
-    Transformer,
-    add_pad_rows,
-    chunked_cross_entropy,
-    count_parameters,
-    document_mask,
-    hf_to_meta_qk,
-    load_model,
-    read_args,
-    save_hf_checkpoint,
-)
+from checkpoint import add_pad_rows, args_from_hf_config, hf_config, load_model, read_args, save_hf_checkpoint
+from model import ModelArgs, Transformer, chunked_cross_entropy, count_parameters, document_mask
 
 CONFIGS = {
     "mha-theta1e4-untied-oddvocab": dict(
@@ -283,13 +274,13 @@ def test_truncated_safetensors_is_reported(tmp_path):
 
 def test_read_args_presets_round_trip():
     args = ModelArgs.from_name("7B")
-    assert ModelArgs.from_hf_config(args.to_hf_config(torch.bfloat16)) == args
+    assert args_from_hf_config(hf_config(args, torch.bfloat16)) == args
 
 
 MEMORY_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-import torch, model
+import torch, model, checkpoint
 def status_kb(field):  # VmHWM starts afresh at exec; ru_maxrss would inherit the parent's (pytest's) peak
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
 # The first model built on the meta device imports torch's meta kernels (~75 MB, once per process): that
@@ -297,7 +288,7 @@ def status_kb(field):  # VmHWM starts afresh at exec; ru_maxrss would inherit th
 with torch.device("meta"):
     model.Transformer(model.ModelArgs(dim=64, n_layers=1, n_heads=4, hidden_dim=128, vocab_size=100))
 baseline = status_kb("VmHWM")
-m = model.load_model({path!r})
+m = checkpoint.load_model({path!r})
 print(baseline, status_kb("VmHWM"))
 """
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import generate
+from checkpoint import load_model, read_args
 from data import IGNORE_INDEX, format_prompt, load_dataset
-from model import load_model, read_args
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -62,7 +62,8 @@ def test_missing_and_invalid_model(tmp_path):
 
 
 def test_exported_tokenizer_files_load_in_transformers(ours, tokenizer_model, tmp_path):
-    from model import ModelArgs, save_tokenizer_files
+    from checkpoint import save_tokenizer_files
+    from model import ModelArgs
 
     save_tokenizer_files(str(tmp_path), str(tokenizer_model), ModelArgs(vocab_size=32001, pad_token_id=32000))
     hf = AutoTokenizer.from_pretrained(tmp_path)

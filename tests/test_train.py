@@ -1,66 +1,19 @@
 """train.py end to end on the CPU: torchrun with 2 gloo processes against 1 process, resume, schedule, flags."""
 
-import json
 import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import CACHE, ROOT, TRAIN, assert_same_weights, common, metrics, run, weights
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from model import load_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "train.py")
-
-
-CACHE = os.path.join(ROOT, ".cache")  # the tokenized-data cache, kept out of the user's home
-
-
-def run(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, TRAIN, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
-        cmd += args
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": CACHE}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
-    return result
-
-
-def common(model: str, data: str, out, **overrides) -> list[str]:
-    flags = dict(
-        model_name_or_path=model, data_path=data, output_dir=str(out), model_max_length=256, learning_rate=1e-3,
-        warmup_ratio=0.2, seed=7, save_strategy="no", logging_steps=1, save_dtype="float32",
-    ) | overrides  # fmt: skip
-    return [item for k, v in flags.items() for item in (f"--{k}", str(v))]
-
-
-def metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def weights(out) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(out, "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict, tol: float, order_changed: bool = False) -> None:
-    """Every weight within tol. Where the runs add gradients up in different orders, AdamW, which divides by
-    sqrt(v) + eps, turns the rounding of a gradient near eps (a rare token's embedding) into a visible share of
-    lr: then one element in 100,000 may differ by up to 10x tol (seen: 1 of 2M at 1.3e-5, all others < 1e-6)."""
-    assert a.keys() == b.keys()
-    for name in a:
-        diff = (a[name] - b[name]).abs()
-        assert diff.max() <= (10 * tol if order_changed else tol), name
-        assert (diff > tol).sum() <= (diff.numel() // 100_000 if order_changed else 0), name
+from checkpoint import load_model
 
 
 def test_two_process_bf16_run_exports_a_transformers_model(tiny_model, alpaca_sample, tmp_path):
@@ -110,6 +63,36 @@ def test_two_processes_match_one_process_fp32(tiny_model, small_data, tmp_path):
     two = common(tiny_model, small_data, tmp_path / "two", gradient_accumulation_steps=2, **batch)
     run(one + ["--packing", "False"])
     run(two + ["--packing", "False"], nproc=2)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), 1e-5, order_changed=True)
+
+
+def test_shard_grad_op_matches_full_shard_fp32(tiny_model, small_data, tmp_path):
+    """ZeRO-2, its weights kept gathered over the micro-batches of a step, computes the same step as FSDP."""
+    flags = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, bf16=False)
+    run(common(tiny_model, small_data, tmp_path / "full", **flags), nproc=2)
+    run(common(tiny_model, small_data, tmp_path / "zero2", fsdp="shard_grad_op auto_wrap", **flags), nproc=2)
+    for a, b in zip(metrics(tmp_path / "full"), metrics(tmp_path / "zero2"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "zero2"), 1e-5, order_changed=True)
+
+
+def test_two_machines_hybrid_shard_match_one_machine_fp32(tiny_model, small_data, tmp_path):
+    """Two torchrun launchers (--nnodes 2, 2 processes each, a c10d rendezvous on 127.0.0.1) with hybrid_shard
+    export the weights of one launcher of 4 processes with full_shard."""
+    flags = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, bf16=False)
+    run(common(tiny_model, small_data, tmp_path / "one", **flags), nproc=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=hsdp-test", TRAIN]  # fmt: skip
+    launch += common(tiny_model, small_data, tmp_path / "two", fsdp="hybrid_shard auto_wrap", **flags)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": CACHE}
+    machines = [subprocess.Popen(launch, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [machine.communicate(timeout=300)[1] for machine in machines]
+    assert all(machine.returncode == 0 for machine in machines), errors
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), 1e-5, order_changed=True)
@@ -210,7 +193,8 @@ def test_bad_flags_give_one_line(flags, expected, tmp_path):
 
 def test_dry_run_memory_matches_measured_peak(tmp_path, tokenizer_model, alpaca_sample):
     """The dry run's per-rank memory for a CPU run against the peak resident memory that run reaches."""
-    from model import ModelArgs, Transformer, save_hf_checkpoint
+    from checkpoint import save_hf_checkpoint
+    from model import ModelArgs, Transformer
 
     args = ModelArgs(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, vocab_size=32000)
     torch.manual_seed(0)

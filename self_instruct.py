@@ -1,0 +1,516 @@
+"""Self-instruct data generation as Alpaca did it (stanford_alpaca's generate_instruction.py): prompt a model
+with 3 random seed tasks and ask for 20 more, parse the answers, filter them, drop near-duplicates by ROUGE-L,
+and repeat until enough instructions are kept.
+
+    python self_instruct.py --api_base http://127.0.0.1:8000/v1 --model_name MODEL --output_dir gen \
+        --seed_tasks_path seed_tasks.jsonl --num_instructions_to_generate 100
+    python self_instruct.py --model_path out --output_dir gen --seed_tasks_path seed_tasks.jsonl
+
+writes gen/regen.json (the original's records, rewritten after every request and read back on a restart) and,
+at the end, gen/alpaca_data.json (instruction, input, output), which `train.py --data_path` reads as it is.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import string
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import numpy as np
+from torch import Tensor
+from tqdm import tqdm
+
+from checkpoint import write_json
+from cli import ArgumentParser
+from generate import generate_ids, load_for_decoding, load_tokenizer
+from model import Transformer
+from tokenizer import Tokenizer
+
+Complete = Callable[[list[str], int], list[dict]]  # (prompts, sampling seed) -> choices {text, finish_reason}
+
+PROMPT_HEADER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "self_instruct_prompt.txt")
+MAX_TOKENS = 3072  # the original asks for the most it can get; an endpoint that refuses gets 0.8x as much
+STOP = ["\n20", "20.", "20."]  # the original's list, its repeat included
+STOP_WINDOW = 16  # tokens that hold any 3 characters, even spelled as 4 UTF-8 byte tokens each
+SIMILARITY_LIMIT = 0.7  # an instruction whose ROUGE-L F-measure with any earlier one exceeds this is dropped
+BLOCKED_WORDS = [
+    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+]  # fmt: skip
+REQUEST_TIMEOUT = 600.0  # seconds to wait for one response: 5 prompts x 3072 tokens can take minutes
+RETRY_DELAY = 2.0  # seconds before the first retry (the original's), doubling up to 60
+MAX_TRIES = 8
+ALL_ONES = ~np.uint64(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seed tasks, the prompt, and parsing the answers
+
+
+def read_seed_tasks(path: str) -> list[dict]:
+    """{instruction, input, output} of each task of a seed_tasks.jsonl file, from its first instance."""
+    tasks = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no}: invalid JSON at column {e.colno}: {e.msg}") from None
+            task = task if isinstance(task, dict) else {}
+            instances = task.get("instances")
+            first = instances[0] if isinstance(instances, list) and instances else None
+            if not (
+                isinstance(task.get("instruction"), str)
+                and isinstance(first, dict)
+                and all(isinstance(first.get(field), str) for field in ("input", "output"))
+            ):
+                raise ValueError(
+                    f"{path}: line {line_no}: expected a task with a string 'instruction' and 'instances', "
+                    "a list whose first item has string 'input' and 'output'"
+                )
+            tasks.append({"instruction": task["instruction"], "input": first["input"], "output": first["output"]})
+    if not tasks:
+        raise ValueError(f"{path}: no seed tasks")
+    return tasks
+
+
+def encode_prompt(header: str, examples: list[dict]) -> str:
+    """The header, the examples numbered from 1, and the opening of the next one for the model to go on from."""
+    prompt = header + "\n"
+    for i, example in enumerate(examples, start=1):
+        instruction = re.sub(r"\s+", " ", example["instruction"]).strip().rstrip(":")
+        input = example["input"] or "<noinput>"
+        prompt += f"###\n{i}. Instruction: {instruction}\n{i}. Input:\n{input}\n{i}. Output:\n{example['output']}\n"
+    return prompt + f"###\n{len(examples) + 1}. Instruction:"
+
+
+def is_usable(instruction: str) -> bool:
+    """The original's filters: 4 to 150 words, no task a text model cannot do (images, files, ...), not
+    "Write a program" (the model adds it to everything), starting with neither punctuation nor non-ASCII."""
+    n_words = len(instruction.split())
+    return (
+        3 < n_words <= 150
+        and not any(re.search(rf"\b({word})\b", instruction, flags=re.IGNORECASE) for word in BLOCKED_WORDS)
+        and not instruction.startswith("Write a program")
+        and instruction[0] not in string.punctuation
+        and instruction[0].isascii()
+    )
+
+
+def parse_completion(text: str, finish_reason: str, num_prompt_instructions: int) -> list[dict]:
+    """The usable {instruction, input, output} items of one completion, numbered on from the prompt's."""
+    pieces = f"{num_prompt_instructions + 1}. Instruction:{text}".split("###")
+    if finish_reason == "length":
+        pieces = pieces[:-1]  # cut off mid-item
+    items = []
+    for number, piece in enumerate(pieces, start=num_prompt_instructions + 1):
+        # Unanchored, as the original: "14. Input:" also splits where 4 is expected.
+        parts = re.split(rf"{number}\.\s+(Instruction|Input|Output):", piece)
+        if len(parts) != 7:
+            continue
+        instruction, input, output = parts[2].strip(), parts[4].strip(), parts[6].strip()
+        if is_usable(instruction):
+            items.append(
+                {"instruction": instruction, "input": "" if input.lower() == "<noinput>" else input, "output": output}
+            )
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ROUGE-L, many pairs at once
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge_score's tokens without stemming: lowercase, then the runs of [a-z0-9]."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def add_bit_vectors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b for bit vectors held as little-endian uint64 words along the last axis, the carry crossing words."""
+    total = a + b
+    if a.shape[-1] == 1:
+        return total
+    carry = total[..., 0] < a[..., 0]
+    for w in range(1, a.shape[-1]):
+        word = total[..., w] + carry
+        carry = (total[..., w] < a[..., w]) | (word < carry)  # a + b overflowed, or adding the carry did
+        total[..., w] = word
+    return total
+
+
+def lcs_lengths(queries: list[np.ndarray], rows: list[np.ndarray], max_pairs: int = 1 << 18) -> np.ndarray:
+    """The LCS length of every (query, row) pair of token-id sequences (ids >= 0), shape (queries, rows),
+    max_pairs pairs at a time (2 MB arrays, which the caches hold). The rows are sorted longest first, so
+    that a step of bit_parallel_lcs touches only the rows still going, a prefix."""
+    lcs = np.zeros((len(queries), len(rows)), dtype=np.int64)
+    if not queries or not rows:
+        return lcs
+    row_lens = np.array([len(row) for row in rows])
+    order = np.argsort(-row_lens, kind="stable")
+    sorted_lens = row_lens[order]
+    starts = np.concatenate([[0], np.cumsum(sorted_lens)[:-1]])
+    flat = np.concatenate([rows[i] for i in order] + [np.zeros(0, dtype=np.int64)])
+    n_tokens = 1 + max(int(ids.max(initial=-1)) for ids in [flat, *queries])
+    size = max(1, max_pairs // len(rows))
+    for first in range(0, len(queries), size):
+        chunk = queries[first : first + size]
+        lcs[first : first + size, order] = bit_parallel_lcs(chunk, sorted_lens, starts, flat, n_tokens).T
+    return lcs
+
+
+def bit_parallel_lcs(
+    queries: list[np.ndarray], sorted_lens: np.ndarray, starts: np.ndarray, flat: np.ndarray, n_tokens: int
+) -> np.ndarray:
+    """LCS lengths (rows, queries) of rows given as their lengths (longest first), where each starts in flat.
+
+    Bit-parallel (Allison & Dix 1986, Hyyrö 2004): a query is a bit vector V, one bit per token, and each
+    token t of a row updates it as U = V & match(t); V = (V + U) | (V - U). The zero bits of V then count
+    the LCS. All pairs advance together, one row position per step."""
+    n_words = max(1, -(-max(len(q) for q in queries) // 64))
+    match = np.zeros((n_tokens, len(queries), n_words), dtype=np.uint64)
+    for i, query in enumerate(queries):
+        positions = np.arange(len(query))
+        bits = np.left_shift(np.uint64(1), (positions % 64).astype(np.uint64))
+        np.bitwise_or.at(match, (query, i, positions // 64), bits)
+
+    v = np.full((len(sorted_lens), len(queries), n_words), ALL_ONES)
+    for j in range(int(sorted_lens[0])):
+        going = int(np.count_nonzero(sorted_lens > j))
+        active = v[:going]
+        u = active & match[flat[starts[:going] + j]]
+        v[:going] = add_bit_vectors(active, u) | (active ^ u)  # V - U is V ^ U: U's bits are all in V
+
+    query_lens = np.array([len(q) for q in queries])
+    bits_used = np.clip(query_lens[:, None] - 64 * np.arange(n_words), 0, 64).astype(np.uint64)
+    masks = np.where(bits_used > 0, ALL_ONES >> (np.uint64(64) - bits_used.clip(min=1)), np.uint64(0))
+    return query_lens[None, :] - np.bitwise_count(v & masks).sum(axis=-1, dtype=np.int64)
+
+
+def rouge_l(queries: list[np.ndarray], rows: list[np.ndarray], max_pairs: int = 1 << 18) -> np.ndarray:
+    """rouge_score's ROUGE-L F-measure (query as target, row as prediction) of every pair, with its float
+    operations in its order, so that the values are the same to the last bit."""
+    lcs = lcs_lengths(queries, rows, max_pairs)
+    row_lens = np.array([len(row) for row in rows])
+    query_lens = np.array([len(q) for q in queries])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = lcs / row_lens[None, :]
+        recall = lcs / query_lens[:, None]
+        fmeasure = 2 * precision * recall / (precision + recall)
+    return np.where(lcs > 0, fmeasure, 0.0)
+
+
+class InstructionPool:
+    """The instructions new ones are compared with: the seed tasks', then every one kept, in order."""
+
+    def __init__(self, instructions: list[str]):
+        self.vocab: dict[str, int] = {}  # token -> id, for the tokens seen so far
+        self.texts = list(instructions)
+        self.ids = [self.encode(text) for text in self.texts]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array([self.vocab.setdefault(t, len(self.vocab)) for t in rouge_tokens(text)], dtype=np.int64)
+
+
+def deduplicate(items: list[dict], pool: InstructionPool, max_pairs: int = 1 << 18) -> list[dict]:
+    """The items to keep, in order, each with its 10 most similar instructions and their mean similarity,
+    exactly as the original: an item is compared with the whole pool and every item kept before it, and
+    dropped if any ROUGE-L F-measure exceeds 0.7. Kept items join the pool. Items come a request's worth at a
+    time: all pairs among them are scored, kept or not.
+
+    The length bound (F <= 2 min(la, lb) / (la + lb)) could spare only the pairs of dropped items, and few of
+    those, instructions being of similar lengths (BENCHMARKS.md): a kept item stores the mean over all its
+    pairs. So every pair is scored, all at once by rouge_l."""
+    ids = [pool.encode(item["instruction"]) for item in items]
+    versus_pool = rouge_l(ids, pool.ids, max_pairs)
+    versus_items = rouge_l(ids, ids, max_pairs)
+    n = len(pool.texts)
+    kept: list[int] = []
+    for i, item in enumerate(items):
+        scores = np.concatenate([versus_pool[i], versus_items[i, kept]])
+        if scores.max() > SIMILARITY_LIMIT:
+            continue
+        # Ties fall as numpy's argsort leaves them, on the same array as the original's.
+        top = np.argsort(scores)[-10:][::-1]
+        names = [pool.texts[j] if j < n else items[kept[j - n]]["instruction"] for j in top]
+        item["most_similar_instructions"] = {name: float(scores[j]) for name, j in zip(names, top, strict=True)}
+        item["avg_similarity_score"] = float(np.mean(scores))
+        kept.append(i)
+    pool.texts += [items[i]["instruction"] for i in kept]
+    pool.ids += [ids[i] for i in kept]
+    return [items[i] for i in kept]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends: an OpenAI-compatible endpoint, or our own checkpoint
+
+
+def post_json(url: str, body: dict, api_key: str | None) -> tuple[int, bytes]:
+    """(HTTP status, response body) of one POST."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")[:200]
+
+
+def complete_over_http(
+    api_base: str, model_name: str, prompts: list[str], temperature: float, top_p: float, api_key: str | None
+) -> list[dict]:
+    """The choices ({text, finish_reason}) of one /completions request for all the prompts. Rate limits,
+    server errors and timeouts are retried with growing pauses; a context-length refusal is retried asking
+    for 0.8x the tokens, as the original did."""
+    url = api_base.rstrip("/") + "/completions"
+    body = {
+        "model": model_name, "prompt": prompts, "max_tokens": MAX_TOKENS,
+        "temperature": temperature, "top_p": top_p, "n": 1, "stop": STOP,
+    }  # fmt: skip
+    tries = 0
+    while True:
+        try:
+            status, raw = post_json(url, body, api_key)
+        except (TimeoutError, ConnectionResetError) as e:  # a slow or restarting server: worth another try
+            status, raw = None, str(e).encode()
+        except urllib.error.URLError as e:
+            if not isinstance(e.reason, TimeoutError):
+                raise ValueError(f"{url}: cannot reach the endpoint ({e.reason})") from None
+            status, raw = None, b"timed out"
+        if status == 200:
+            return read_choices(url, raw)
+        message = error_message(raw)
+        if status == 400 and ("maximum context length" in message or "Please reduce your prompt" in message):
+            body["max_tokens"] = int(body["max_tokens"] * 0.8)
+            if body["max_tokens"] < 1:
+                raise ValueError(f"{url}: the prompt alone fills the model's context ({message})")
+            continue
+        if status is not None and status != 429 and status < 500:
+            raise ValueError(f"{url}: HTTP {status}: {message}")
+        tries += 1
+        if tries == MAX_TRIES:
+            raise ValueError(f"{url}: gave up after {tries} tries (last: {status or 'no answer'}: {message})")
+        time.sleep(min(60.0, RETRY_DELAY * 2 ** (tries - 1)))
+
+
+def read_choices(url: str, raw: bytes) -> list[dict]:
+    try:
+        response = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{url}: the response is not JSON: {raw[:100]!r}") from None
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not isinstance(choices, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("finish_reason"), str | None)
+        for c in choices
+    ):
+        raise ValueError(f"{url}: expected 'choices', a list of objects with 'text' and 'finish_reason'")
+    return choices
+
+
+def complete_locally(
+    model: Transformer, tokenizer: Tokenizer, decode_step: Callable[..., Tensor] | None, prompts: list[str],
+    temperature: float, top_p: float, seed: int | None, stop: list[str],
+) -> list[dict]:  # fmt: skip
+    """The completions ({text, finish_reason}) of our checkpoint, as an endpoint would give them: each text
+    ends before its first stop string ("stop"), at EOS ("stop"), or when MAX_TOKENS or the model's context
+    ran out ("length")."""
+    context = model.args.max_seq_len
+    prompt_ids = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= context:
+            raise ValueError(
+                f"prompt {i + 1} of this request is {len(ids)} tokens long, but the model's context is {context} "
+                "(max_position_embeddings): use a model with a longer context, or fewer --num_prompt_instructions"
+            )
+    so_far: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+
+    def watch_for_stops(tokens: list[int]) -> list[bool]:
+        for i, token in enumerate(tokens):
+            if not stopped[i]:
+                so_far[i].append(token)
+                # Only the last tokens can hold a stop string just completed: decoding all would be quadratic.
+                stopped[i] = any(s in tokenizer.decode(so_far[i][-STOP_WINDOW:]) for s in stop)
+        return stopped
+
+    answers = generate_ids(
+        model, prompt_ids, MAX_TOKENS, tokenizer.eos_id, temperature, top_p, seed=seed,
+        on_token=watch_for_stops, decode_step=decode_step,
+    )  # fmt: skip
+    choices = []
+    for ids, answer in zip(prompt_ids, answers, strict=True):
+        text = tokenizer.decode(answer)
+        cut = min((text.find(s) for s in stop if s in text), default=None)
+        ran_out = len(answer) >= min(MAX_TOKENS, context - len(ids))
+        finish_reason = "length" if cut is None and ran_out else "stop"
+        choices.append({"text": text if cut is None else text[:cut], "finish_reason": finish_reason})
+    return choices
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+
+
+def read_json(path: str, default: object) -> object:
+    if not os.path.exists(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg}): move it away to start over") from None
+
+
+def read_kept(path: str) -> list[dict]:
+    """The records of an earlier run's regen.json, checked."""
+    records = read_json(path, [])
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records: move it away to start over")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("instruction", "input", "output")
+        ):
+            raise ValueError(f"{path}: record {i}: expected string 'instruction', 'input' and 'output'")
+    return records
+
+
+def read_progress(path: str, n_kept: int) -> dict:
+    """{requests, generated} of the runs so far (a regen.json from elsewhere comes without: none known)."""
+    progress = read_json(path, {"requests": 0, "generated": n_kept})
+    if not (isinstance(progress, dict) and all(type(progress.get(k)) is int for k in ("requests", "generated"))):
+        raise ValueError(f'{path}: expected {{"requests": N, "generated": N}}: move it away to start over')
+    return progress
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(
+        description="Generate Alpaca-style instruction data by self-instruct, as stanford_alpaca's "
+        "generate_instruction.py did, from an OpenAI-compatible endpoint (--api_base) or our own checkpoint "
+        "(--model_path). Rerun the same command to resume.",
+    )
+    parser.add_argument("--output_dir", default="./", help="where regen.json and alpaca_data.json go (default: ./)")
+    parser.add_argument("--seed_tasks_path", default="./seed_tasks.jsonl", help="(default: ./seed_tasks.jsonl)")
+    parser.add_argument("--num_instructions_to_generate", type=int, default=100, help="(default: 100)")
+    parser.add_argument("--api_base", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1; "
+                        "the key comes from OPENAI_API_KEY")  # fmt: skip
+    parser.add_argument("--model_name", default="text-davinci-003", help="with --api_base (default: text-davinci-003)")
+    parser.add_argument("--model_path", help="our own checkpoint (a Hugging Face or Meta LLaMA directory) instead")
+    parser.add_argument("--num_prompt_instructions", type=int, default=3, help="seed tasks per prompt (default: 3)")
+    parser.add_argument("--request_batch_size", type=int, default=5, help="prompts per request (default: 5)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="(default: 1.0)")
+    parser.add_argument("--seed", type=int, help="random seed: the same seed draws the same seed tasks (and, with "
+                        "--model_path, samples the same tokens), across restarts too")  # fmt: skip
+    parser.add_argument("--max_requests", type=int, help="stop after this many requests in all, counting those "
+                        "of the runs resumed (default: until enough instructions are kept)")  # fmt: skip
+
+    args = parser.parse_args(argv)
+    if (args.api_base is None) == (args.model_path is None):
+        raise ValueError("give one backend: --api_base URL (an OpenAI-compatible endpoint) or --model_path DIR")
+    for flag in ("num_instructions_to_generate", "num_prompt_instructions", "request_batch_size", "max_requests"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+def make_backend(args: argparse.Namespace) -> Complete:
+    """complete(prompts, seed) -> choices, for the backend the flags name."""
+    if args.api_base is not None:
+        api_key = os.environ.get("OPENAI_API_KEY")
+        return lambda prompts, seed: complete_over_http(
+            args.api_base, args.model_name, prompts, args.temperature, args.top_p, api_key
+        )
+    # The way generate.py loads a checkpoint, with its defaults for the device and the dtype.
+    model_args = argparse.Namespace(model_path=args.model_path, tokenizer=None, device=None, dtype=None, compile=False)
+    _, tokenizer = load_tokenizer(model_args)
+    model, decode_step = load_for_decoding(model_args)
+    return lambda prompts, seed: complete_locally(
+        model, tokenizer, decode_step, prompts, args.temperature, args.top_p, seed, STOP
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    seed_tasks = read_seed_tasks(args.seed_tasks_path)
+    if args.num_prompt_instructions > len(seed_tasks):
+        raise ValueError(f"--num_prompt_instructions {args.num_prompt_instructions}: {args.seed_tasks_path} has "
+                         f"only {len(seed_tasks)} tasks")  # fmt: skip
+    with open(PROMPT_HEADER_PATH, encoding="utf-8") as f:
+        header = f.read()
+    os.makedirs(args.output_dir, exist_ok=True)
+    regen_path = os.path.join(args.output_dir, "regen.json")
+    progress_path = os.path.join(args.output_dir, "regen_progress.json")
+    kept = read_kept(regen_path)
+    progress = read_progress(progress_path, len(kept))
+    write_json(regen_path, kept, indent=4)  # an output directory we cannot write fails now, not after a request
+    complete = make_backend(args)
+    pool = InstructionPool([task["instruction"] for task in seed_tasks] + [record["instruction"] for record in kept])
+
+    with tqdm(total=args.num_instructions_to_generate, initial=len(kept), unit="instruction", desc="kept") as bar:
+        while len(kept) < args.num_instructions_to_generate and (
+            args.max_requests is None or progress["requests"] < args.max_requests
+        ):
+            # One generator per request, seeded by its number: a restart draws what the run it resumes would have.
+            rng = random.Random(f"{args.seed}:{progress['requests']}") if args.seed is not None else random.Random()
+            prompts = [
+                encode_prompt(header, rng.sample(seed_tasks, args.num_prompt_instructions))
+                for _ in range(args.request_batch_size)
+            ]
+            choices = complete(prompts, rng.randrange(2**63))
+            items = [
+                item
+                for choice in choices
+                for item in parse_completion(choice["text"], choice["finish_reason"], args.num_prompt_instructions)
+            ]
+            new = deduplicate(items, pool)
+            kept += new
+            progress = {"requests": progress["requests"] + 1, "generated": progress["generated"] + len(items)}
+            # regen.json first: a crash between the two writes repeats a request whose items are then duplicates.
+            write_json(regen_path, kept, indent=4)
+            write_json(progress_path, progress, indent=4)
+            bar.update(len(new))
+            keep_rate = len(kept) / max(1, progress["generated"])
+            bar.set_postfix(requests=progress["requests"], keep_rate=f"{keep_rate:.0%}")
+
+    data_path = os.path.join(args.output_dir, "alpaca_data.json")
+    write_json(data_path, [{k: record[k] for k in ("instruction", "input", "output")} for record in kept], indent=4)
+    print(
+        f"kept {len(kept)} of {progress['generated']} instructions parsed from {progress['requests']} requests; "
+        f"wrote {regen_path} and {data_path}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # regen.json holds every request answered so far
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
