@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,16 +75,21 @@ def _check_record(record: object, where: str, need_output: bool) -> tuple[str, s
     return record["instruction"], record.get("input", ""), record.get("output", "")
 
 
-def _parse_json_lines(text: str, path: str, need_output: bool) -> list[tuple[str, str, str]]:
-    records = []
+def json_lines(text: str, path: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSON Lines text; an error names the line."""
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks on.
     for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield line_no, json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {line_no}: invalid JSON at column {e.colno}: {e.msg}") from None
+
+
+def _parse_json_lines(text: str, path: str, need_output: bool) -> list[tuple[str, str, str]]:
+    records = []
+    for line_no, record in json_lines(text, path):
         records.append(_check_record(record, f"{path}: record {len(records)} (line {line_no})", need_output))
     return records
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import write_json
 from cli import ArgumentParser
+from data import decode_text, json_lines
 from generate import generate_ids, load_for_decoding, load_tokenizer
 from model import Transformer
 from tokenizer import Tokenizer
@@ -56,27 +57,22 @@ ALL_ONES = ~np.uint64(0)
 def read_seed_tasks(path: str) -> list[dict]:
     """{instruction, input, output} of each task of a seed_tasks.jsonl file, from its first instance."""
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                task = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON at column {e.colno}: {e.msg}") from None
-            task = task if isinstance(task, dict) else {}
-            instances = task.get("instances")
-            first = instances[0] if isinstance(instances, list) and instances else None
-            if not (
-                isinstance(task.get("instruction"), str)
-                and isinstance(first, dict)
-                and all(isinstance(first.get(field), str) for field in ("input", "output"))
-            ):
-                raise ValueError(
-                    f"{path}: line {line_no}: expected a task with a string 'instruction' and 'instances', "
-                    "a list whose first item has string 'input' and 'output'"
-                )
-            tasks.append({"instruction": task["instruction"], "input": first["input"], "output": first["output"]})
+    with open(path, "rb") as f:
+        text = decode_text(f.read(), path)
+    for line_no, task in json_lines(text, path):
+        task = task if isinstance(task, dict) else {}
+        instances = task.get("instances")
+        first = instances[0] if isinstance(instances, list) and instances else None
+        if not (
+            isinstance(task.get("instruction"), str)
+            and isinstance(first, dict)
+            and all(isinstance(first.get(field), str) for field in ("input", "output"))
+        ):
+            raise ValueError(
+                f"{path}: line {line_no}: expected a task with a string 'instruction' and 'instances', "
+                "a list whose first item has string 'input' and 'output'"
+            )
+        tasks.append({"instruction": task["instruction"], "input": first["input"], "output": first["output"]})
     if not tasks:
         raise ValueError(f"{path}: no seed tasks")
     return tasks
