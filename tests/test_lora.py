@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, common, metrics, run, weights
+from conftest import CACHE, ROOT, assert_same_weights, common, metrics, run, weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
@@ -189,6 +189,50 @@ def test_lora_leaves_the_base_bit_identical(fp32_runs, tiny_model):
             assert delta.abs().max() > 1e-4, name
         else:
             assert torch.equal(merged[name], base[name]), name
+
+
+LORA_STEPS = """
+import json, sys, torch
+from checkpoint import read_args
+from data import load_dataset, rank_micro_batches
+from distributed import build_model, init_adapters, load_sharded_weights, setup_distributed
+from tokenizer import Tokenizer
+from train import make_optimizer, parse_args, train_step
+model_path, data_path = sys.argv[1:3]
+args = parse_args(["--model_name_or_path", model_path, "--data_path", data_path, "--lora_r", "4"])
+_, _, device = setup_distributed()
+model = build_model(read_args(model_path), args, device)
+load_sharded_weights(model, model_path, read_args(model_path))
+init_adapters(model, args.seed)
+before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+optimizer = make_optimizer(model, args)
+tokenizer = Tokenizer(model_path + "/tokenizer.model")
+dataset = load_dataset(data_path, tokenizer, 256)
+model.train()
+for step in range(3):
+    records = list(range(4 * step, 4 * step + 4))
+    batches = rank_micro_batches(dataset, records, 0, 1, 2, True, 256, tokenizer.unk_id)
+    train_step(model, optimizer, batches, sum(dataset.n_supervised(i) for i in records), 1e-2, args, device)
+print(json.dumps({
+    "unchanged": [n for n, p in model.named_parameters() if torch.equal(before[n], p.full_tensor())],
+    "dtypes": {n: str(p.dtype) for n, p in model.named_parameters()},
+    "optimized": sum(len(group["params"]) for group in optimizer.param_groups),
+}))
+"""
+
+
+def test_training_steps_change_the_adapters_only(tiny_model, small_data):
+    """Three steps of train.py's own step on a bf16 LoRA model: every base tensor is bit for bit what it was and
+    stays bf16, every adapter has moved, and the optimizer holds the adapters alone."""
+    result = subprocess.run([sys.executable, "-c", LORA_STEPS, tiny_model, small_data], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": CACHE})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    base = [n for n in report["dtypes"] if ".lora_" not in n]
+    assert sorted(report["unchanged"]) == sorted(base)
+    assert all(report["dtypes"][n] == "torch.bfloat16" for n in base)
+    assert all(report["dtypes"][n] == "torch.float32" for n in report["dtypes"] if ".lora_" in n)
+    assert report["optimized"] == len(report["dtypes"]) - len(base) == 2 * 2 * 2
 
 
 def test_lora_output_loads_in_peft_and_generate_answers_alike(fp32_runs, tiny_model):
