@@ -262,7 +262,9 @@ def make_jobs(body: dict, prompts: list[str], is_chat: bool, server: "Server") -
     top_p = get_field(body, "top_p", (int, float), "a number in (0, 1]", 1.0)
     if not 0 < top_p <= 1:
         raise RequestError(f"'top_p' must be a number in (0, 1], got {top_p}")
-    seed = get_field(body, "seed", (int,), "an integer")
+    seed = get_field(body, "seed", (int,), "an integer in [0, 2**64)")
+    if seed is not None and not 0 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise RequestError(f"'seed' must be an integer in [0, 2**64), got {seed}")
     stop = get_field(body, "stop", (str, list), "a string or a list of strings", [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop):
