@@ -424,7 +424,7 @@ class Chromium:
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_chat_page_in_a_real_browser(url, client, batches, tmp_path):
     """Opens the page, types an instruction and an input, presses Send and sees the answer stream in: the same
-    answer the API gives. The screenshot is left in the test's temporary directory."""
+    answer the API gives. The screenshot is left in the test's temporary directory. Then Stop, mid-answer."""
     instruction, input = "Summarize this.", "Cats chase mice."
     expected = chat(client, instruction, input, max_tokens=40).choices[0].message.content
     batches.step_delay = 0.02  # 40 tokens over about a second, so the page has something to show as it comes
@@ -456,5 +456,18 @@ def test_chat_page_in_a_real_browser(url, client, batches, tmp_path):
         assert shown == instruction + input
         assert browser.evaluate("window.changes") > 10
         assert "40 tokens" in browser.evaluate("document.querySelector('.note').textContent")
+
+        # Stop, mid-answer: the page keeps what came, and the server finishes that row early.
+        browser.evaluate("document.getElementById('max_tokens').value = '100'")
+        browser.click("#instruction")
+        browser.call("Input.insertText", text=INSTRUCTIONS[0])
+        browser.click("#send")
+        browser.wait_for("document.querySelectorAll('.answer')[1]?.textContent.length > 0")
+        browser.click("#stop")
+        browser.wait_for("document.getElementById('send').disabled === false")
+        assert browser.evaluate("document.querySelectorAll('.note')[1].textContent") == "stopped"
+        stopped = browser.evaluate("document.querySelectorAll('.answer')[1].textContent")
+        assert chat(client, INSTRUCTIONS[0], max_tokens=100).choices[0].message.content.startswith(stopped)
+        assert len(batches.recorded[-2][1][0]) < 60  # the stopped row, before the reference request above
     finally:
         browser.close()
