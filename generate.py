@@ -72,6 +72,7 @@ def generate_ids(
     seed: int | None = None,
     on_token: Callable[[list[int]], list[bool] | None] | None = None,
     decode_step: Callable[..., Tensor] | None = None,
+    sample_next: Callable[[Tensor], Tensor] | None = None,
 ) -> list[list[int]]:
     """Answers to a batch of prompts (token ids, BOS included) as token ids, EOS left out.
 
@@ -80,8 +81,9 @@ def generate_ids(
     row that has finished); it may return a flag per row, True to finish that row there (a stop string was
     produced, or the reader went away), its answer keeping the tokens so far. The same seed gives the same
     answers for the same batch. decode_step runs the model on each new token: the model itself by default, or
-    what compile_decoding returns. The KV cache stays with the model for the next call (model.clear_cache()
-    frees it).
+    what compile_decoding returns. sample_next, if given, picks each row's next token (B,) from the last-position
+    logits (B, vocab) in place of temperature, top_p, top_k and seed: for settings that differ from row to row.
+    The KV cache stays with the model for the next call (model.clear_cache() frees it).
     """
     check_prompt_lengths(prompt_ids, model.args.max_seq_len)
     device = model.embed_tokens.weight.device
@@ -115,7 +117,10 @@ def generate_ids(
     decode_step = model if decode_step is None else decode_step
     logits = model(tokens, positions[:, :prompt_len], prefill_mask[:, None], slots[:prompt_len])
     for step in range(steps):
-        next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)
+        if sample_next is None:
+            next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)
+        else:
+            next_token = sample_next(logits[:, -1])
         next_token = next_token.masked_fill(finished, eos_id)
         answers[:, step] = next_token
         finished |= (next_token == eos_id) | (step + 1 >= max_answer_lens)
@@ -371,11 +376,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         lowest = 0 if flag == "top_k" else 1
         if getattr(args, flag) < lowest:
             raise ValueError(f"--{flag} must be >= {lowest}, got {getattr(args, flag)}")
-    if args.model_path is None:
-        if not os.path.isdir(DEFAULT_MODEL_PATH):
-            raise ValueError(f"no model in ./{DEFAULT_MODEL_PATH} (where train.py exports): pass --model_path DIR")
-        args.model_path = DEFAULT_MODEL_PATH
+    args.model_path = model_path_or_default(args.model_path)
     return args
+
+
+def model_path_or_default(model_path: str | None) -> str:
+    if model_path is not None:
+        return model_path
+    if not os.path.isdir(DEFAULT_MODEL_PATH):
+        raise ValueError(f"no model in ./{DEFAULT_MODEL_PATH} (where train.py exports): pass --model_path DIR")
+    return DEFAULT_MODEL_PATH
 
 
 def pick_device(name: str | None) -> torch.device:
