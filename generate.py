@@ -72,6 +72,7 @@ def generate_ids(
     seed: int | None = None,
     on_token: Callable[[list[int]], list[bool] | None] | None = None,
     decode_step: Callable[..., Tensor] | None = None,
+    sample_next: Callable[[Tensor], Tensor] | None = None,
 ) -> list[list[int]]:
     """Answers to a batch of prompts (token ids, BOS included) as token ids, EOS left out.
 
@@ -80,8 +81,9 @@ def generate_ids(
     row that has finished); it may return a flag per row, True to finish that row there (a stop string was
     produced, or the reader went away), its answer keeping the tokens so far. The same seed gives the same
     answers for the same batch. decode_step runs the model on each new token: the model itself by default, or
-    what compile_decoding returns. The KV cache stays with the model for the next call (model.clear_cache()
-    frees it).
+    what compile_decoding returns. sample_next, if given, picks each row's next token (B,) from the last-position
+    logits (B, vocab) in place of temperature, top_p, top_k and seed: for settings that differ from row to row.
+    The KV cache stays with the model for the next call (model.clear_cache() frees it).
     """
     check_prompt_lengths(prompt_ids, model.args.max_seq_len)
     device = model.embed_tokens.weight.device
@@ -115,7 +117,10 @@ def generate_ids(
     decode_step = model if decode_step is None else decode_step
     logits = model(tokens, positions[:, :prompt_len], prefill_mask[:, None], slots[:prompt_len])
     for step in range(steps):
-        next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)
+        if sample_next is None:
+            next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)
+        else:
+            next_token = sample_next(logits[:, -1])
         next_token = next_token.masked_fill(finished, eos_id)
         answers[:, step] = next_token
         finished |= (next_token == eos_id) | (step + 1 >= max_answer_lens)
@@ -377,11 +382,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         lowest = 0 if flag == "top_k" else 1
         if getattr(args, flag) < lowest:
             raise ValueError(f"--{flag} must be >= {lowest}, got {getattr(args, flag)}")
-    if args.model_path is None:
-        if not os.path.isdir(DEFAULT_MODEL_PATH):
-            raise ValueError(f"no model in ./{DEFAULT_MODEL_PATH} (where train.py exports): pass --model_path DIR")
-        args.model_path = DEFAULT_MODEL_PATH
+    args.model_path = model_path_or_default(args.model_path)
     return args
+
+
+def model_path_or_default(model_path: str | None) -> str:
+    if model_path is not None:
+        return model_path
+    if not os.path.isdir(DEFAULT_MODEL_PATH):
+        raise ValueError(f"no model in ./{DEFAULT_MODEL_PATH} (where train.py exports): pass --model_path DIR")
+    return DEFAULT_MODEL_PATH
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -405,7 +415,7 @@ def print_stream(stream: TextStream, tokens: list[int]) -> None:
 def model_dirs(args: argparse.Namespace) -> tuple[str, str | None]:
     """The model directory and the LoRA adapter directory to apply to it (None: no adapter). --model_path may be
     a PEFT adapter directory; its base is then --base_model, or the one its config names."""
-    base_model = getattr(args, "base_model", None)  # a caller's own flags (serve.py's) may not have it
+    base_model = getattr(args, "base_model", None)  # a caller's own flags (self_instruct.py's) may not have it
     if not is_adapter_dir(args.model_path):
         if base_model is not None:
             raise ValueError(f"--base_model goes with a LoRA adapter directory; {args.model_path} is not one")
