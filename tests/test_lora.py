@@ -1,13 +1,16 @@
 """LoRA against peft, the independent reference: our adapters load into peft's PeftModel with our logits, peft's
 adapters load into ours with its logits, and merging an adapter into the base changes no output; then train.py's
-LoRA path end to end on the CPU (1 against 2 processes, resume, the base untouched) and generate.py on its output."""
+LoRA path end to end on the CPU (1 against 2 processes, resume, the base untouched), generate.py and serve.py on
+its output."""
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
+import serve
 from checkpoint import adapter_config, load_adapter, load_model, save_adapter
 from model import LORA_TARGETS, apply_lora, merge_lora
 
@@ -252,6 +256,23 @@ def test_lora_output_loads_in_peft_and_generate_answers_alike(fp32_runs, tiny_mo
         )  # fmt: skip
         assert cli.returncode == 0, cli.stderr
         answers.append(json.loads(cli.stdout)["answer"])
+    assert answers[0] == answers[1] and answers[0]
+
+
+def test_serve_answers_from_an_adapter_directory_as_from_the_merged_model(fp32_runs):
+    out = fp32_runs["root"] / "one"
+    answers = []
+    for path in (out, out / "merged"):
+        server = serve.build_server(serve.parse_args(["--model_path", str(path), "--port", "0"]))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+            body = {"prompt": "Give three tips for staying healthy.", "max_tokens": 12, "temperature": 0}
+            connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            answers.append(json.loads(connection.getresponse().read())["choices"][0]["text"])
+        finally:
+            server.shutdown()
+            server.server_close()
     assert answers[0] == answers[1] and answers[0]
 
 
