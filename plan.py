@@ -79,14 +79,12 @@ def memory_per_rank(args: argparse.Namespace, a: ModelArgs, ranks: int, nodes: i
     # Saved for backward per token and layer: norms in fp32, q/k/v/attention/o and the SwiGLU intermediates.
     per_layer = act * (19 * a.dim + 4 * a.hidden_dim) + 8 * a.dim + (lora_activations(a, args, act) if lora else 0)
     layers_kept = 1 if args.gradient_checkpointing else a.n_layers
+    # FSDP keeps 1/ranks of the fp32 weights, gradients and both AdamW moments on each rank; accumulating without
+    # a reduce-scatter adds each block's unsharded fp32 gradient until the last micro-step. A frozen base (LoRA)
+    # is only its 1/ranks in the compute dtype; the adapters are trained weights as above.
+    sharded = (16 * trained + (act * n_params if lora else 0)) / shard_ranks
     return {
-        # FSDP keeps 1/ranks of the fp32 weights, gradients and both AdamW moments on each rank; accumulating
-        # without a reduce-scatter adds each block's unsharded fp32 gradient until the last micro-step. A frozen
-        # base (LoRA) is only its 1/ranks in the compute dtype; the adapters are trained weights as above.
-        ("base + adapters, grads, AdamW" if lora else "weights, grads, AdamW"): (
-            16 * trained + (act * n_params if lora else 0)
-        )
-        / shard_ranks,
+        ("base + adapters, grads, AdamW" if lora else "weights, grads, AdamW"): sharded,
         "accumulated grads": 4 * trained if args.gradient_accumulation_steps > 1 else 0,
         "gathered blocks": gathered,
         "activations": tokens * (layers_kept * per_layer + a.n_layers * act * a.dim * args.gradient_checkpointing),
@@ -167,7 +165,8 @@ def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, w
         f"batch            {micro} x {args.gradient_accumulation_steps} accumulation x {ranks} ranks = "
         f"{plan.global_batch} records\n"
         f"steps            {plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
-        f"{plan.warmup_steps} warmup\n" + lora_line + f"memory per rank  {' + '.join(parts[:3])}\n"
+        f"{plan.warmup_steps} warmup\n{lora_line}"
+        f"memory per rank  {' + '.join(parts[:3])}\n"
         f"                 + {' + '.join(parts[3:])} = {total / gb:.2f} GB\n"
         f"compute          {flops_per_epoch * epochs / 1e15:.1f} PFLOP ({flops_per_epoch / tokens_per_epoch / 1e9:.1f} "
         f"GFLOP per token, {epochs:.2f} epochs)\n"
