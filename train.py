@@ -380,13 +380,15 @@ class Run:
     def trainer_state(self) -> dict:
         """What a checkpoint records so that a resumed run can check it continues the same run."""
         records, world_size = len(self.dataset), dist.get_world_size()
-        return {
+        state = {
             "global_batch": self.plan.global_batch,
             "seed": self.args.seed,
             "records": records,
             "world_size": world_size,
-            "lora_alpha": self.args.lora_alpha if self.args.lora_r is not None else None,  # r, targets: in the shapes
         }
+        if self.args.lora_r is not None:
+            state["lora_alpha"] = self.args.lora_alpha  # r and the targets show in the tensors' names and shapes
+        return state
 
 
 @dataclass
