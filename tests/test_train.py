@@ -191,6 +191,14 @@ def test_bad_flags_give_one_line(flags, expected, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, --cpu_offload trains")
+@pytest.mark.parametrize("flags", [["--cpu_offload", "True"], ["--fsdp", "full_shard auto_wrap offload"]])
+def test_cpu_offload_without_a_gpu_is_one_line(flags, tmp_path):
+    result = run(["--output_dir", str(tmp_path), *flags], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "this machine has none" in result.stderr, result.stderr
+
+
 def test_dry_run_memory_matches_measured_peak(tmp_path, tokenizer_model, alpaca_sample):
     """The dry run's per-rank memory for a CPU run against the peak resident memory that run reaches."""
     from checkpoint import save_hf_checkpoint
