@@ -198,6 +198,9 @@ def quantize_int8(model: Transformer) -> None:
     """Weight-only int8 (Int8Linear) for every linear layer, the output layer included: at batch 1 decoding
     streams every weight once per token, so half the bytes of bf16 is up to twice the speed. The embedding
     stays as it is (a token reads one row of it)."""
+    device = model.embed_tokens.weight.device
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", device.type.upper()):
+        raise ValueError(f"--quantize int8: this torch ({torch.__version__}) has no int8 weight product on {device}")
     swap_linear_layers(model, Int8Linear)
 
 

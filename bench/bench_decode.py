@@ -66,6 +66,26 @@ def decode_speed(model, prompt_ids: list[list[int]], new_tokens: int) -> float:
     return (len(times) - 2) * len(prompt_ids) / (times[-1] - times[1])
 
 
+def products_speed(model, runs: int) -> float:
+    """Tokens/s of a step that did nothing but its linear products, each on one row: where the rest of a step
+    goes is the per-token overhead (attention, the elementwise work, Python)."""
+    a = model.args
+    products = [(model.lm_head, a.dim)]
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        products += [(attn.qkv_proj, a.dim), (attn.o_proj, a.dim), (mlp.gate_up_proj, a.dim)]
+        products.append((mlp.down_proj, a.hidden_dim))
+    inputs = [(product, torch.randn(1, 1, width, dtype=torch.bfloat16)) for product, width in products]
+
+    def step() -> None:
+        with torch.inference_mode():
+            for product, x in inputs:
+                product(x)
+
+    step()
+    return 1 / min(best_of(runs, {"step": lambda: [step() for _ in range(10)]}).values()) * 10
+
+
 def stream_bandwidth(runs: int) -> float:
     big = torch.ones(2**28)  # 1 GiB of fp32, far beyond any cache
     best = min(best_of(runs, {"sum": big.sum}).values())
@@ -167,6 +187,7 @@ def main() -> None:
         for _ in range(args.runs):
             for name, model in (("bf16", bf16), ("int8", int8)):
                 speed[name] = max(speed[name], decode_speed(model, [ids], n))
+        products = {"bf16": products_speed(bf16, args.runs), "int8": products_speed(int8, args.runs)}
         bandwidth_after = stream_bandwidth(5)
 
         # 3. Batched.
@@ -206,7 +227,8 @@ def main() -> None:
     for name, n_bytes in (("bf16", bf16_bytes), ("int8", int8_bytes)):
         limit = max(bandwidth, bandwidth_after) / n_bytes
         print(f"in-process decoding, {name}: {speed[name]:.1f} tok/s; {n_bytes / 1e6:.0f} MB of weights a token, "
-              f"limit {limit:.1f} tok/s: {speed[name] / limit:.0%} of it")  # fmt: skip
+              f"limit {limit:.1f} tok/s: {speed[name] / limit:.0%} of it; the products alone "
+              f"{products[name]:.1f} tok/s, {products[name] / limit:.0%}")  # fmt: skip
     print(f"int8 / bf16 decoding: {speed['int8'] / speed['bf16']:.2f}x")
     for batch_size, (shortest, longest, ours, reference) in batched.items():
         print(f"batch {batch_size} (prompts {shortest}-{longest} tokens, left-padded) + {args.batched_new_tokens} "
