@@ -6,13 +6,14 @@ one random LLaMA (8 layers x 768 by default, saved by transformers in bf16) and 
 2. In-process decoding speed (the steps after the prompt, timed as `--stats` times them) of bf16 as the command
    line runs it on the CPU (`use_cpu_decoding_layout`) and of `--quantize int8`, against the limit the memory
    sets: the weight bytes every token reads / the stream bandwidth of a sum over a 1 GiB tensor.
+   With --compile, both again with `--compile` (`compile_decoding`; the first call, which compiles, apart).
 3. Batched: batch 8 and 16, left-padded Alpaca prompts of different lengths, bf16, generated tokens/s of
    `generate_ids` against transformers' left-padded `generate`.
 4. With --trained_model: how often int8's greedy choice is bf16's, over 20 held-out prompts.
 
 Every side runs --runs times, the sides in turn, and the best run counts (the machine is shared).
 
-    python bench/bench_decode.py --runs 3 --trained_model sample_out
+    python bench/bench_decode.py --runs 3 --trained_model sample_out [--compile]
 """
 
 import argparse
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import load_model  # noqa: E402
 from data import format_prompt, read_records  # noqa: E402
-from generate import Int8Linear, generate_ids, quantize_int8, record_time, use_cpu_decoding_layout  # noqa: E402
+from generate import Int8Linear, compile_decoding, generate_ids, quantize_int8, record_time, use_cpu_decoding_layout  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -59,10 +60,11 @@ def best_of(runs: int, sides: dict) -> dict[str, float]:
     return best
 
 
-def decode_speed(model, prompt_ids: list[list[int]], new_tokens: int) -> float:
+def decode_speed(model, prompt_ids: list[list[int]], new_tokens: int, decode_step=None) -> float:
     """Tokens/s of the decoding steps alone, all rows counted."""
     times = [time.perf_counter()]
-    generate_ids(model, prompt_ids, new_tokens, eos_id=-1, on_token=partial(record_time, times, None))
+    on_token = partial(record_time, times, None)
+    generate_ids(model, prompt_ids, new_tokens, eos_id=-1, on_token=on_token, decode_step=decode_step)
     return (len(times) - 2) * len(prompt_ids) / (times[-1] - times[1])
 
 
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--batched_new_tokens", type=int, default=128)
     parser.add_argument("--batch_sizes", default="8,16")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also bf16 and int8 with --compile, in process")
     parser.add_argument(
         "--trained_model",
         help="a model train.py wrote beside sample/ (`python sample_data.py && python train.py` write both: out/)",
@@ -188,6 +191,16 @@ def main() -> None:
             for name, model in (("bf16", bf16), ("int8", int8)):
                 speed[name] = max(speed[name], decode_speed(model, [ids], n))
         products = {"bf16": products_speed(bf16, args.runs), "int8": products_speed(int8, args.runs)}
+        compiled = {}
+        for name in ["bf16", "int8"] if args.compile else []:
+            model = load_model(model_dir, dtype=torch.bfloat16)
+            if name == "int8":
+                quantize_int8(model)
+            step = compile_decoding(model)
+            start = time.perf_counter()
+            generate_ids(model, [ids], n, -1, decode_step=step)
+            compiling = time.perf_counter() - start
+            compiled[name] = (compiling, max(decode_speed(model, [ids], n, step) for _ in range(args.runs)))
         bandwidth_after = stream_bandwidth(5)
 
         # 3. Batched.
@@ -230,6 +243,10 @@ def main() -> None:
               f"limit {limit:.1f} tok/s: {speed[name] / limit:.0%} of it; the products alone "
               f"{products[name]:.1f} tok/s, {products[name] / limit:.0%}")  # fmt: skip
     print(f"int8 / bf16 decoding: {speed['int8'] / speed['bf16']:.2f}x")
+    for name, (compiling, speed_compiled) in compiled.items():
+        limit = max(bandwidth, bandwidth_after) / (bf16_bytes if name == "bf16" else int8_bytes)
+        print(f"--compile, {name}: {speed_compiled:.1f} tok/s, {speed_compiled / limit:.0%} of the limit, "
+              f"{speed_compiled / speed['bf16']:.2f}x bf16 uncompiled; first call {compiling:.0f} s")  # fmt: skip
     for batch_size, (shortest, longest, ours, reference) in batched.items():
         print(f"batch {batch_size} (prompts {shortest}-{longest} tokens, left-padded) + {args.batched_new_tokens} "
               f"new, bf16: ours {ours:.1f} tok/s, transformers {reference:.1f}: {ours / reference:.2f}x")  # fmt: skip
