@@ -387,8 +387,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quantize",
         choices=["int8"],
-        help="int8: weight-only int8 with a scale per output channel for every linear layer (half the bytes of "
-        "bf16 per token, so faster decoding; the tokens may differ a little from the unquantized model's)",
+        help="int8: weight-only int8 with a scale per output channel for every linear layer: half the bytes of "
+        "bf16 to read per token, which pays most with --compile; the tokens may differ a little from the "
+        "unquantized model's",
     )
     parser.add_argument(
         "--stats",
