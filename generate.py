@@ -210,8 +210,8 @@ def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
     (a later change to them is not seen), max-autotune lets Inductor use its own matrix-vector kernels where
     they beat the library's, and the work between the products is fused (BENCHMARKS.md compares it with the
     oneDNN-packed layout). q/k/v and gate/up are fused first (Transformer.fuse_projections), unless they are
-    already (quantize_int8). The first step
-    compiles, and so does the first step with a new batch size or a longer KV cache: about a minute on a CPU."""
+    already (quantize_int8). The first step compiles, and so does the first step with a new batch size or a
+    longer KV cache: about a minute on a CPU."""
     from torch._inductor import config  # 1 s to import, so not for every run of generate.py
 
     if model.layers[0].self_attn.qkv_proj is None:
@@ -447,7 +447,9 @@ def print_stream(stream: TextStream, tokens: list[int]) -> None:
     print(stream.add(tokens[0]), end="", flush=True)
 
 
-def record_time(times: list[float], on_token: Callable[[list[int]], list[bool] | None] | None, tokens: list[int]):
+def record_time(
+    times: list[float], on_token: Callable[[list[int]], list[bool] | None] | None, tokens: list[int]
+) -> list[bool] | None:
     """An on_token that notes when each step's tokens are out, then hands them on."""
     times.append(time.perf_counter())
     return None if on_token is None else on_token(tokens)
