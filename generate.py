@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -153,6 +154,37 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with weight-only int8 quantization, as gpt-fast's WeightOnlyInt8Linear: each
+    output channel (weight row) is rounded to int8 steps of its own scale, max |row| / 127, and the product
+    runs on the int8 weight with the activations in their own dtype. Decoding reads half the bytes of bf16."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        # The scales are kept in the weight's dtype, the one the product takes them in, and rounding uses them
+        # as kept; an all-zero row must not divide by zero.
+        scales = (weight.detach().float().abs().amax(dim=1).clamp(min=1e-12) / 127).to(weight.dtype)
+        int8_weight = (weight.detach().float() / scales.float()[:, None]).round().clamp(-128, 127).to(torch.int8)
+        self.register_buffer("int8_weight", int8_weight)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        product = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.int8_weight, self.scales)
+        return product.view(*x.shape[:-1], -1)
+
+
+def swap_linear_layers(model: Transformer, make_linear: Callable[[Tensor], nn.Module]) -> None:
+    """Every linear layer becomes make_linear(its weight), with q/k/v and gate/up fused into one product each
+    (Transformer.fuse_projections). The output layer keeps its plain weight too: the loss (`labels=`) reads it."""
+    model.fuse_projections(make_linear)
+    for layer in model.layers:
+        layer.self_attn.o_proj = make_linear(layer.self_attn.o_proj.weight)
+        layer.mlp.down_proj = make_linear(layer.mlp.down_proj.weight)
+    lm_head = make_linear(model.lm_head.weight)
+    lm_head.weight = model.lm_head.weight
+    model.lm_head = lm_head
+
+
 def use_cpu_decoding_layout(model: Transformer) -> None:
     """Stores every linear weight in oneDNN's packed layout, the one the CPU's matrix-vector products read
     fastest, with q/k/v and gate/up fused (Transformer.fuse_projections); the values do not change. Decoding one
@@ -163,15 +195,18 @@ def use_cpu_decoding_layout(model: Transformer) -> None:
     packable = torch.backends.mkldnn.is_available() and (
         dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
-    if not packable:
-        return
-    model.fuse_projections(PackedLinear)
-    for layer in model.layers:
-        layer.self_attn.o_proj = PackedLinear(layer.self_attn.o_proj.weight)
-        layer.mlp.down_proj = PackedLinear(layer.mlp.down_proj.weight)
-    lm_head = PackedLinear(model.lm_head.weight)
-    lm_head.weight = model.lm_head.weight  # the loss (`labels=`) reads lm_head.weight itself
-    model.lm_head = lm_head
+    if packable:
+        swap_linear_layers(model, PackedLinear)
+
+
+def quantize_int8(model: Transformer) -> None:
+    """Weight-only int8 (Int8Linear) for every linear layer, the output layer included: at batch 1 decoding
+    streams every weight once per token, so half the bytes of bf16 is up to twice the speed. The embedding
+    stays as it is (a token reads one row of it)."""
+    device = model.embed_tokens.weight.device
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", device.type.upper()):
+        raise ValueError(f"--quantize int8: this torch ({torch.__version__}) has no int8 weight product on {device}")
+    swap_linear_layers(model, Int8Linear)
 
 
 def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
@@ -179,11 +214,13 @@ def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
     decode_step; prompts still run through the model as it is. The weights are frozen into the compiled code
     (a later change to them is not seen), max-autotune lets Inductor use its own matrix-vector kernels where
     they beat the library's, and the work between the products is fused (BENCHMARKS.md compares it with the
-    oneDNN-packed layout). q/k/v and gate/up are fused first (Transformer.fuse_projections). The first step
-    compiles, and so does the first step with a new batch size or a longer KV cache: about a minute on a CPU."""
+    oneDNN-packed layout). q/k/v and gate/up are fused first (Transformer.fuse_projections), unless they are
+    already (quantize_int8). The first step compiles, and so does the first step with a new batch size or a
+    longer KV cache: about a minute on a CPU."""
     from torch._inductor import config  # 1 s to import, so not for every run of generate.py
 
-    model.fuse_projections()
+    if model.layers[0].self_attn.qkv_proj is None:
+        model.fuse_projections()
     config.freezing = True
     # Autotuning reports every matrix product it times on stderr, and warns of a deprecation inside Inductor.
     config.autotune_num_choices_displayed = 0
@@ -306,14 +343,8 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
     return [(instruction, input) for instruction, input, _ in parse_records(text, path, need_output=False)]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        description="Answer instructions with an Alpaca-tuned LLaMA. A prompt is wrapped in the Alpaca template "
-        "(the one with an input section if --input is given), and only the answer is printed, streamed as it "
-        "is produced, up to EOS or --max_new_tokens. A prompt that leaves no room for an answer in the model's "
-        "context (max_position_embeddings) is an error, not cut; a shorter room shortens the answer.",
-    )
-    parser.add_argument("prompt", nargs="?", help="the instruction (or, with --raw, the whole prompt)")
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that load_tokenizer and load_for_decoding read (serve.py and self_instruct.py take them too)."""
     parser.add_argument(
         "--model_path",
         help="Hugging Face or Meta LLaMA directory, or a LoRA adapter directory (adapter_config.json) "
@@ -325,6 +356,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "base_model_name_or_path)",
     )
     parser.add_argument("--tokenizer", help="SentencePiece model (default: MODEL_PATH/tokenizer.model)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weights and compute (default: bfloat16 on cuda, float32 on cpu)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8: weight-only int8 with a scale per output channel for every linear layer: half the bytes of "
+        "bf16 to read per token, which pays most with --compile; the tokens may differ a little from the "
+        "unquantized model's",
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(
+        description="Answer instructions with an Alpaca-tuned LLaMA. A prompt is wrapped in the Alpaca template "
+        "(the one with an input section if --input is given), and only the answer is printed, streamed as it "
+        "is produced, up to EOS or --max_new_tokens. A prompt that leaves no room for an answer in the model's "
+        "context (max_position_embeddings) is an error, not cut; a shorter room shortens the answer.",
+    )
+    parser.add_argument("prompt", nargs="?", help="the instruction (or, with --raw, the whole prompt)")
+    add_model_flags(parser)
     parser.add_argument("--input", help="the input (context) that goes with the instruction")
     parser.add_argument("--raw", action="store_true", help="use the prompts as they are, without the template")
     parser.add_argument(
@@ -352,11 +407,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="text: the answers, a blank line between them (streamed when a batch holds one prompt). "
         "jsonl: one {prompt, input, answer} object per line (default: text)",
     )
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)")
     parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        help="weights and compute (default: bfloat16 on cuda, float32 on cpu)",
+        "--stats",
+        action="store_true",
+        help="after the answers, print on stderr the prompt (prefill) and decoding speed in tokens/s",
     )
     parser.add_argument(
         "--compile",
@@ -368,6 +422,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if [args.prompt, args.prompts, args.eval_data].count(None) != 2:
         raise ValueError("give one prompt, or --prompts FILE (or - for stdin), or --eval_data FILE")
+    if args.eval_data is not None and args.stats:
+        raise ValueError("--stats times answering prompts, not --eval_data")
     if args.eval_data is not None and (args.raw or args.input is not None):
         raise ValueError("--eval_data takes the instructions and inputs from its records, in the Alpaca template")
     if args.prompts is not None and args.input is not None:
@@ -415,7 +471,7 @@ def print_stream(stream: TextStream, tokens: list[int]) -> None:
 def model_dirs(args: argparse.Namespace) -> tuple[str, str | None]:
     """The model directory and the LoRA adapter directory to apply to it (None: no adapter). --model_path may be
     a PEFT adapter directory; its base is then --base_model, or the one its config names."""
-    base_model = getattr(args, "base_model", None)  # a caller's own flags (self_instruct.py's) may not have it
+    base_model = args.base_model
     if not is_adapter_dir(args.model_path):
         if base_model is not None:
             raise ValueError(f"--base_model goes with a LoRA adapter directory; {args.model_path} is not one")
@@ -426,6 +482,14 @@ def model_dirs(args: argparse.Namespace) -> tuple[str, str | None]:
         where = f"--base_model {base}" if base_model else f"{config_path}: base_model_name_or_path {base!r}"
         raise ValueError(f"{where}: no such model directory (pass the base model with --base_model DIR)")
     return base, args.model_path
+
+
+def record_time(
+    times: list[float], on_token: Callable[[list[int]], list[bool] | None] | None, tokens: list[int]
+) -> list[bool] | None:
+    """An on_token that notes when each step's tokens are out, then hands them on."""
+    times.append(time.perf_counter())
+    return None if on_token is None else on_token(tokens)
 
 
 def load_tokenizer(args: argparse.Namespace) -> tuple[ModelArgs, Tokenizer]:
@@ -451,9 +515,11 @@ def load_for_decoding(args: argparse.Namespace) -> tuple[Transformer, Callable[.
     if adapter_path is not None:
         load_adapter(model, adapter_path)
         merge_lora(model)  # the same answers, one product per projection, and the layouts below apply
+    if args.quantize == "int8":
+        quantize_int8(model)  # in place of the CPU layout: its own products read int8 weights
     if args.compile:
         return model, compile_decoding(model)
-    if device.type == "cpu":
+    if device.type == "cpu" and args.quantize is None:
         use_cpu_decoding_layout(model)
     return model, None
 
@@ -491,10 +557,13 @@ def run(args: argparse.Namespace) -> None:
     check_prompt_lengths(prompt_ids, model_args.max_seq_len)  # all of them, before the first batch runs
     model, decode_step = load_for_decoding(args)
 
+    prompt_tokens, prompt_seconds, decode_tokens, decode_seconds = 0, 0.0, 0, 0.0
     for start in range(0, len(prompts), args.batch_size):
         batch = prompt_ids[start : start + args.batch_size]
         streaming = len(batch) == 1 and args.output_format == "text"
         stream = TextStream(tokenizer)
+        on_token = partial(print_stream, stream) if streaming else None
+        times = [time.perf_counter()]  # then one entry per step: the first comes after the prompt has run
         answer_ids = generate_ids(
             model,
             batch,
@@ -504,9 +573,14 @@ def run(args: argparse.Namespace) -> None:
             args.top_p,
             args.top_k,
             args.seed,
-            on_token=partial(print_stream, stream) if streaming else None,
+            on_token=partial(record_time, times, on_token) if args.stats else on_token,
             decode_step=decode_step,
         )
+        if args.stats:
+            prompt_tokens += sum(len(ids) for ids in batch)
+            prompt_seconds += times[1] - times[0]
+            decode_tokens += (len(times) - 2) * len(batch)  # every row of each step after the first, ended or not
+            decode_seconds += times[-1] - times[1]
         for i, ids in enumerate(answer_ids):
             index = start + i
             if args.output_format == "jsonl":
@@ -516,6 +590,9 @@ def run(args: argparse.Namespace) -> None:
             else:
                 text = stream.finish() if streaming else tokenizer.decode(ids)
                 print(text, end="\n" if index == len(prompts) - 1 else "\n\n", flush=True)
+    if args.stats:
+        decode_speed = decode_tokens / decode_seconds if decode_tokens else float("nan")  # nan: one token only
+        print(f"prompt {prompt_tokens / prompt_seconds:.1f} tok/s, decode {decode_speed:.1f} tok/s", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

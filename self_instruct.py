@@ -29,7 +29,7 @@ from tqdm import tqdm
 from checkpoint import write_json
 from cli import ArgumentParser
 from data import decode_text, json_lines
-from generate import generate_ids, load_for_decoding, load_tokenizer
+from generate import add_model_flags, generate_ids, load_for_decoding, load_tokenizer
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -410,7 +410,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api_base", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1; "
                         "the key comes from OPENAI_API_KEY")  # fmt: skip
     parser.add_argument("--model_name", default="text-davinci-003", help="with --api_base (default: text-davinci-003)")
-    parser.add_argument("--model_path", help="our own checkpoint (a Hugging Face or Meta LLaMA directory) instead")
+    add_model_flags(parser)  # --model_path: our own checkpoint instead, decoded as generate.py does
+    parser.set_defaults(compile=False)
     parser.add_argument("--num_prompt_instructions", type=int, default=3, help="seed tasks per prompt (default: 3)")
     parser.add_argument("--request_batch_size", type=int, default=5, help="prompts per request (default: 5)")
     parser.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0)")
@@ -441,9 +442,8 @@ def make_backend(args: argparse.Namespace) -> Complete:
             args.api_base, args.model_name, prompts, args.temperature, args.top_p, api_key
         )
     # The way generate.py loads a checkpoint, with its defaults for the device and the dtype.
-    model_args = argparse.Namespace(model_path=args.model_path, tokenizer=None, device=None, dtype=None, compile=False)
-    _, tokenizer = load_tokenizer(model_args)
-    model, decode_step = load_for_decoding(model_args)
+    _, tokenizer = load_tokenizer(args)
+    model, decode_step = load_for_decoding(args)
     return lambda prompts, seed: complete_locally(
         model, tokenizer, decode_step, prompts, args.temperature, args.top_p, seed, STOP
     )

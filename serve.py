@@ -38,8 +38,8 @@ from torch import Tensor
 from cli import ArgumentParser
 from data import format_prompt
 from generate import (
-    DEFAULT_MODEL_PATH,
     TextStream,
+    add_model_flags,
     check_prompt_lengths,
     generate_ids,
     load_for_decoding,
@@ -509,17 +509,7 @@ def usage(jobs: list[Job]) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model_path",
-        help="Hugging Face or Meta LLaMA directory, or a LoRA adapter directory (adapter_config.json) "
-        f"(default: ./{DEFAULT_MODEL_PATH}, where train.py exports)",
-    )
-    parser.add_argument(
-        "--base_model",
-        help="when --model_path is a LoRA adapter directory: its base model (default: the adapter's "
-        "base_model_name_or_path)",
-    )
-    parser.add_argument("--tokenizer", help="SentencePiece model (default: MODEL_PATH/tokenizer.model)")
+    add_model_flags(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
     )
@@ -527,12 +517,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_batch_size", type=int, default=8, help="answers decoded together (default: 8)")
     parser.add_argument(
         "--timeout", type=float, default=600, help="seconds a request may take; its answer ends there (default: 600)"
-    )
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)")
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        help="weights and compute (default: bfloat16 on cuda, float32 on cpu)",
     )
     # generate.load_for_decoding reads --compile, which is not offered: every new batch size would compile again.
     parser.set_defaults(compile=False)

@@ -467,7 +467,9 @@ def test_the_sample_model_runs_the_loop_end_to_end(sample_model, tmp_path, capsy
 
 def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_model, tmp_path):
     path = with_context(sample_model, tmp_path / "model", 64)
-    model_args = argparse.Namespace(model_path=path, tokenizer=None, device=None, dtype=None, compile=False)
+    model_args = argparse.Namespace(
+        model_path=path, base_model=None, tokenizer=None, device=None, dtype=None, quantize=None, compile=False
+    )
     _, tokenizer = load_tokenizer(model_args)
     model, decode_step = load_for_decoding(model_args)
     prompts = ["###\n1. Instruction: What is the largest of 3, 5?", "Count the numbers in 1, 8, 8."]
