@@ -70,10 +70,20 @@ def on_rank0(fn):
             result = fn()
         except (ValueError, OSError) as e:
             error = [str(e)]
+        except Exception as e:  # an unforeseen one still must not leave the other ranks waiting
+            error = [f"{type(e).__name__}: {e}"]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise ValueError(error[0])
     return result
+
+
+def rank0_decides(fn):
+    """fn() on rank 0, its result given to every rank: one answer where ranks on different machines might see
+    different files."""
+    result = [on_rank0(fn)]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def rank0_first(fn):
@@ -95,6 +105,8 @@ def device_mesh(device: torch.device, strategy: str) -> DeviceMesh:
     if not strategy.startswith("hybrid"):
         return init_device_mesh(device.type, (world_size,))
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % per_node:
+        raise ValueError(f"--fsdp {strategy}: every machine must run the same number of processes (--nproc_per_node)")
     return init_device_mesh(device.type, (world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 

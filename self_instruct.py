@@ -167,7 +167,7 @@ def bit_parallel_lcs(
 ) -> np.ndarray:
     """LCS lengths (rows, queries) of rows given as their lengths (longest first), where each starts in flat.
 
-    Bit-parallel (Allison & Dix 1986, Hyyrö 2004): a query is a bit vector V, one bit per token, and each
+    Bit-parallel: a query is a bit vector V, one bit per token, and each
     token t of a row updates it as U = V & match(t); V = (V + U) | (V - U). The zero bits of V then count
     the LCS. All pairs advance together, one row position per step."""
     n_words = max(1, -(-max(len(q) for q in queries) // 64))

@@ -539,7 +539,11 @@ def build_server(args: argparse.Namespace) -> Server:
         server = Server((args.host, args.port), model_id, tokenizer, model_args.max_seq_len, args.timeout)
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    model, decode_step = load_for_decoding(args)
+    try:
+        model, decode_step = load_for_decoding(args)
+    except BaseException:
+        server.server_close()
+        raise
     server.start_decoding(model, decode_step, args.max_batch_size)
     return server
 

@@ -34,6 +34,7 @@ from distributed import (
     init_adapters,
     load_sharded_weights,
     on_rank0,
+    rank0_decides,
     rank0_first,
     setup_distributed,
     tune_cpu_allocations,
@@ -157,7 +158,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     args.fsdp_strategy = strategies[0]
     args.cpu_offload = args.cpu_offload or "offload" in words
-    if args.cpu_offload and not torch.cuda.is_available():
+    if args.cpu_offload and not args.dry_run and not torch.cuda.is_available():
         raise ValueError(
             "--cpu_offload: FSDP's CPU offload keeps the state in CPU memory and computes on a GPU, and this machine "
             "has none; without a GPU, training already runs in CPU memory: leave the flag out"
@@ -189,6 +190,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         raise ValueError(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
+    if args.dry_run_nodes > 1 and (args.dry_run_gpus is None or args.dry_run_gpus % args.dry_run_nodes):
+        raise ValueError(
+            f"--dry_run_nodes {args.dry_run_nodes}: needs --dry_run_gpus, a multiple of it (the GPUs of all machines)"
+        )
     if args.dry_run and args.dry_run_gpu not in [*GPU_PEAK_FLOPS, "cpu"]:
         raise ValueError(f"--dry_run_gpu {args.dry_run_gpu!r}: expected one of {', '.join(GPU_PEAK_FLOPS)}")
     if args.lora_r is not None:
@@ -286,7 +291,7 @@ def configure_device(device: torch.device, tf32: bool) -> None:
         tune_cpu_allocations()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-        # cuDNN attention plans anew for every sequence length (~30 ms of CPU per call), and packed or padded
+        # cuDNN attention plans anew for every sequence length, a host cost per call, and packed or padded
         # micro-batches change length every time: flash/efficient attention do not.
         torch.backends.cuda.enable_cudnn_sdp(False)
 
@@ -323,7 +328,8 @@ def train(args: argparse.Namespace) -> None:
     if not args.dry_run:
         check_output_dir(args.output_dir)
     tokenizer, tokenizer_path, checkpoint_args, model_args = read_model_config(args)
-    resume = None if args.dry_run else resolve_resume(args)
+    # Rank 0 decides, so that every rank resumes the same checkpoint (output_dir must be on a shared filesystem).
+    resume = None if args.dry_run else rank0_decides(lambda: resolve_resume(args))
     resume_state = read_trainer_state(resume) if resume else {}
     if resume:
         check_resume(resume, resume_state, model_args, args, world_size)
@@ -491,7 +497,11 @@ def export(model: Transformer, run: Run, tokenizer_path: str) -> None:
         write_on_rank0(save, full_tensors(model, device))
     else:
         config = adapter_config(
-            args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.model_name_or_path
+            args.lora_r,
+            args.lora_alpha,
+            args.lora_dropout,
+            args.lora_target_modules,
+            os.path.abspath(args.model_name_or_path),  # generate.py may run from another directory
         )
         write_on_rank0(partial(save_adapter, args.output_dir, config), full_tensors(model, device, trainable_only=True))
         if args.save_merged:

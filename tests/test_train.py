@@ -180,6 +180,8 @@ def test_original_launch_line_runs(tiny_model, small_data, tmp_path):
         (["--lr_scheduler_type", "linear"], "invalid choice"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
         (["--fsdp", "hybrid_shard"], "--fsdp 'hybrid_shard'"),
+        (["--dry_run", "--dry_run_nodes", "2"], "--dry_run_nodes 2: needs --dry_run_gpus"),
+        (["--dry_run", "--dry_run_gpus", "3", "--dry_run_nodes", "2"], "--dry_run_nodes 2: needs --dry_run_gpus"),
         (["--evaluation_strategy", "steps"], "only 'no'"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
     ],
