@@ -82,6 +82,23 @@ def alpaca_sample() -> Path:
 
 
 @pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_model) -> Path:
+    """A tiny random LLaMA with grouped-query attention and a 128-token context, saved by transformers, with the
+    real LLaMA tokenizer beside it: the decoding tests' model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=32000, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    shutil.copyfile(tokenizer_model, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, tokenizer_model) -> str:
     """A random LLaMA with the real 32000-piece vocabulary, written by transformers."""
     from transformers import LlamaConfig, LlamaForCausalLM

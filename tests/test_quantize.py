@@ -2,11 +2,10 @@
 fp32), its error against the unquantized model, and --stats."""
 
 import re
-import shutil
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import generate
 from checkpoint import load_model
@@ -19,27 +18,6 @@ PROMPTS = [
     "What is the capital of France?",
     "Rewrite the following sentence in the passive voice, and explain what changed: The cat chased the mouse.",
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_model):
-    """A tiny random LLaMA saved by transformers, with the real LLaMA tokenizer beside it."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=32000,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    shutil.copyfile(tokenizer_model, path / "tokenizer.model")
-    return path
 
 
 @pytest.fixture(scope="module")
