@@ -27,7 +27,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from random_llama import llama_config
+from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -144,14 +145,7 @@ def main() -> None:
 
     tokenizer = Tokenizer(str(SHARED / "llama_tokenizer.model"))
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.dim,
-        intermediate_size=256 * -(-int(args.dim * 8 / 3) // 256),  # LLaMA's SwiGLU width: 2/3 of 4 dim, rounded up
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.dim // 64,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    )
+    config = llama_config(args.dim, args.n_layers, max_positions=2048)
     hf_model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     model_dir = tempfile.mkdtemp()
     try:

@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from random_llama import llama_config
+from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "data" / "llama_tokenizer.model"
@@ -95,14 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.dim,
-        intermediate_size=256 * -(-int(args.dim * 8 / 3) // 256),  # LLaMA's SwiGLU width: 2/3 of 4 dim, rounded up
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.dim // 64,
-        vocab_size=32000,
-        max_position_embeddings=512,
-    )
+    config = llama_config(args.dim, args.n_layers, max_positions=512)
     model_dir = tempfile.mkdtemp()
     server = None
     try:
