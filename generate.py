@@ -10,6 +10,7 @@ As a library: `generate(model, tokenizer, prompts)` takes prompt texts that are 
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -98,7 +99,10 @@ def generate_ids(
     # Left padding ends every prompt at cache slot prompt_len - 1, so all rows write each new token to the same
     # slot. Padding is masked out and never read, so any id the embedding has will do: 0.
     tokens = torch.tensor([[0] * (prompt_len - len(ids)) + ids for ids in prompt_ids], device=device)
-    slots = torch.arange(model.setup_cache(batch_size, prompt_len + steps), device=device)
+    cache_len = prompt_len + steps
+    if decode_step is not None:  # compiled for one cache length: rounded up, later calls and runs reuse it
+        cache_len = min(-(-cache_len // 256) * 256, model.args.max_seq_len)
+    slots = torch.arange(model.setup_cache(batch_size, cache_len), device=device)
     first_real_slot = (prompt_len - lengths)[:, None]
     is_real = slots >= first_real_slot  # (B, slots): False on each row's padding
     positions = (slots - first_real_slot).clamp(min=0)  # RoPE positions count from each row's first real token
@@ -210,13 +214,13 @@ def quantize_int8(model: Transformer) -> None:
 
 
 def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
-    """The model compiled for decoding steps (torch.compile, as gpt-fast does), to pass to generate_ids as
-    decode_step; prompts still run through the model as it is. The weights are frozen into the compiled code
-    (a later change to them is not seen), max-autotune lets Inductor use its own matrix-vector kernels where
-    they beat the library's, and the work between the products is fused (BENCHMARKS.md compares it with the
-    oneDNN-packed layout). q/k/v and gate/up are fused first (Transformer.fuse_projections), unless they are
-    already (quantize_int8). The first step compiles, and so does the first step with a new batch size or a
-    longer KV cache: about a minute on a CPU."""
+    """The model compiled for decoding steps, to pass to generate_ids as decode_step; prompts still run through
+    the model as it is. The weights are frozen into the compiled code (a later change to them is not seen),
+    max-autotune lets Inductor use its own matrix-vector kernels where they beat the library's, and the work
+    between the products is fused (BENCHMARKS.md). q/k/v and gate/up are fused first
+    (Transformer.fuse_projections), unless they are already (quantize_int8). On the CPU the step is compiled ahead
+    of time into a package kept on disk (PackagedDecodeStep); elsewhere torch.compile compiles it, as gpt-fast
+    does, on the first step and again for a new batch size or a longer KV cache."""
     from torch._inductor import config  # 1 s to import, so not for every run of generate.py
 
     if model.layers[0].self_attn.qkv_proj is None:
@@ -226,7 +230,68 @@ def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
     config.autotune_num_choices_displayed = 0
     config.max_autotune_report_choices_stats = False
     warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+    if model.embed_tokens.weight.device.type == "cpu":
+        return PackagedDecodeStep(model)
     return torch.compile(model, mode="max-autotune", dynamic=False)
+
+
+class PackagedDecodeStep:
+    """A decoding step compiled ahead of time (torch.export, then AOTInductor) into a package on disk, one per
+    weights, batch size and KV-cache length, and per torch, CPU instruction set and thread count. A later process
+    with the same finds the package and loads it in about a second instead of compiling for a minute:
+    torch.compile's own cache skips a step whose frozen weights oneDNN has packed. The compiled step writes
+    keys and values into the model's own KV cache, so the prompt, which runs uncompiled, and the steps share
+    it."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.digest = weights_digest(model)
+        self.steps: dict[tuple[int, int], tuple[Callable[..., Tensor], Tensor]] = {}  # (B, cache len): step, cache
+
+    def __call__(self, tokens: Tensor, positions: Tensor, mask: Tensor, cache_slots: Tensor) -> Tensor:
+        shape = (tokens.shape[0], mask.shape[-1])
+        if shape not in self.steps:
+            self.steps[shape] = self.load(self.package_path(*shape), (tokens, positions, mask, cache_slots)), None
+        step, bound_cache = self.steps[shape]
+        cache = self.model.layers[0].self_attn.cache.k
+        if bound_cache is not cache:  # the model has a new KV cache since this step last ran
+            caches = {
+                f"layers.{i}.self_attn.cache.{name}": getattr(layer.self_attn.cache, name)
+                for i, layer in enumerate(self.model.layers)
+                for name in ("k", "v")
+            }
+            step.load_constants(caches, check_full_update=False, user_managed=True)
+            self.steps[shape] = step, cache
+        return step(tokens, positions, mask, cache_slots)
+
+    def package_path(self, batch_size: int, cache_len: int) -> str:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        setting = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
+        name = hashlib.sha256(f"{self.digest} {setting}".encode()).hexdigest()[:32]
+        return os.path.join(cache_dir(), "decoding", f"{name}-b{batch_size}-s{cache_len}.pt2")
+
+    def load(self, path: str, example: tuple[Tensor, ...]) -> Callable[..., Tensor]:
+        if not os.path.exists(path):
+            print(f"compiling the decoding step for batch {example[0].shape[0]} (a minute or more; kept in {path} "
+                  "for later runs)", file=sys.stderr, flush=True)  # fmt: skip
+            program = torch.export.export(self.model, example)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial_path = f"{path[:-4]}.{os.getpid()}.partial.pt2"
+            # Weights of 1B+ parameters do not fit in a shared library's data section: they are mapped instead.
+            options = {"freezing": True, "max_autotune": True, "aot_inductor.force_mmap_weights": True}
+            torch._inductor.aoti_compile_and_package(program, package_path=partial_path, inductor_configs=options)
+            os.replace(partial_path, path)  # whole or not at all, for a process running the same at once
+        return torch._inductor.aoti_load_package(path)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and persistent buffer: its name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class TextStream:
@@ -415,8 +480,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decoding step: tokens come faster after about a minute "
-        "of compiling, again for each new batch size; worth it for long answers and many prompts",
+        help="compile the decoding step: tokens come faster after a minute or more of compiling, again for each "
+        "new batch size and answer length (by 256 tokens). On the CPU the compiled step is kept on disk (in "
+        "TORCHINDUCTOR_CACHE_DIR) and a later run with the same model and settings loads it in seconds",
     )
 
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 import generate
 from checkpoint import load_model
 from data import format_prompt
-from generate import TextStream, compile_decoding, generate_ids, sample, use_cpu_decoding_layout
+from generate import PackagedDecodeStep, TextStream, compile_decoding, generate_ids, sample, use_cpu_decoding_layout
 from tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 128
@@ -120,20 +120,41 @@ def test_on_token_can_finish_a_row(model, tokenizer):
     assert cut[0] == full[0] and cut[2] == full[2]
 
 
-def test_compiled_step_is_reused_while_the_cache_fits(model_dir, model, tokenizer):
-    """A later call with the same batch size and a shorter prompt + answer runs the compiled step as it is, and
-    still gives the uncompiled model's answers, left padding and an early EOS included."""
+def test_compiled_step_is_reused_by_later_calls_and_runs(monkeypatch, tmp_path, model_dir, model, tokenizer):
+    """On the CPU --compile compiles the step once into a package on disk. A later call with the same batch size
+    and a shorter prompt + answer runs it as it is, and so does a later run (the model loaded again): no compile,
+    and still the uncompiled model's answers, left padding and an early EOS included."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     compiled = load_model(str(model_dir))
     decode_step = compile_decoding(compiled)
     generate_ids(compiled, encode_all(tokenizer, PROMPTS), 32, tokenizer.eos_id, decode_step=decode_step)
+    assert len(list(tmp_path.glob("decoding/*.pt2"))) == 1
     shorter = [tokenizer.encode(p, bos=True) for p in ["Hi", PROMPTS[0], PROMPTS[1]]]
     expected = generate_ids(model, shorter, 16, tokenizer.eos_id)
     eos = expected[1][5]  # a token the second row produces, taken as EOS: that row stops early
     expected_with_eos = generate_ids(model, shorter, 16, eos)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        assert generate_ids(compiled, shorter, 16, tokenizer.eos_id, decode_step=decode_step) == expected
-        assert generate_ids(compiled, shorter, 16, eos, decode_step=decode_step) == expected_with_eos
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
+    assert generate_ids(compiled, shorter, 16, tokenizer.eos_id, decode_step=decode_step) == expected
+    assert generate_ids(compiled, shorter, 16, eos, decode_step=decode_step) == expected_with_eos
+    later_run = load_model(str(model_dir))
+    assert generate_ids(later_run, shorter, 16, eos, decode_step=compile_decoding(later_run)) == expected_with_eos
     assert len(expected_with_eos[1]) <= 5
+
+
+def test_compiled_packages_are_told_apart_by_their_weights(model_dir):
+    """A package is found by a digest of the weights: the same checkpoint loaded twice finds the same one, a model
+    that differs in one weight by a little does not."""
+    same, changed = load_model(str(model_dir)), load_model(str(model_dir))
+    with torch.no_grad():
+        changed.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
+    path = PackagedDecodeStep(load_model(str(model_dir))).package_path(1, 128)
+    assert PackagedDecodeStep(same).package_path(1, 128) == path
+    assert PackagedDecodeStep(changed).package_path(1, 128) != path
+    assert PackagedDecodeStep(same).package_path(2, 128) != path
 
 
 def test_context_limit(model, tokenizer):
