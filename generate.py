@@ -13,11 +13,13 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,7 +221,7 @@ def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
     max-autotune lets Inductor use its own matrix-vector kernels where they beat the library's, and the work
     between the products is fused (BENCHMARKS.md). q/k/v and gate/up are fused first
     (Transformer.fuse_projections), unless they are already (quantize_int8). On the CPU the step is compiled ahead
-    of time into a package kept on disk (PackagedDecodeStep); elsewhere torch.compile compiles it, as gpt-fast
+    of time into a library kept on disk (PackagedDecodeStep); elsewhere torch.compile compiles it, as gpt-fast
     does, on the first step and again for a new batch size or a longer KV cache."""
     from torch._inductor import config  # 1 s to import, so not for every run of generate.py
 
@@ -236,22 +238,23 @@ def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
 
 
 class PackagedDecodeStep:
-    """A decoding step compiled ahead of time (torch.export, then AOTInductor) into a package on disk, one per
-    weights, batch size and KV-cache length, and per torch, CPU instruction set and thread count. A later process
-    with the same finds the package and loads it in about a second instead of compiling for a minute:
-    torch.compile's own cache skips a step whose frozen weights oneDNN has packed. The compiled step writes
-    keys and values into the model's own KV cache, so the prompt, which runs uncompiled, and the steps share
-    it."""
+    """A decoding step compiled ahead of time (torch.export, then AOTInductor) into a shared library on disk, one
+    per weights, batch size and KV-cache length, and per torch, CPU instruction set and thread count. A later
+    process with the same finds the library and loads it in a fraction of a second instead of compiling for a
+    minute: torch.compile's own cache skips a step whose frozen weights oneDNN has packed. The compiled step
+    writes keys and values into the model's own KV cache, so the prompt, which runs uncompiled, and the steps
+    share it."""
 
     def __init__(self, model: Transformer):
         self.model = model
         self.digest = weights_digest(model)
-        self.steps: dict[tuple[int, int], tuple[Callable[..., Tensor], Tensor]] = {}  # (B, cache len): step, cache
+        self.steps: dict[tuple[int, int], tuple[Any, Tensor | None]] = {}  # (B, cache length): library, its cache
 
     def __call__(self, tokens: Tensor, positions: Tensor, mask: Tensor, cache_slots: Tensor) -> Tensor:
+        inputs = [tokens, positions, mask, cache_slots]
         shape = (tokens.shape[0], mask.shape[-1])
         if shape not in self.steps:
-            self.steps[shape] = self.load(self.package_path(*shape), (tokens, positions, mask, cache_slots)), None
+            self.steps[shape] = self.load(self.library_path(*shape), inputs), None
         step, bound_cache = self.steps[shape]
         cache = self.model.layers[0].self_attn.cache.k
         if bound_cache is not cache:  # the model has a new KV cache since this step last ran
@@ -260,29 +263,35 @@ class PackagedDecodeStep:
                 for i, layer in enumerate(self.model.layers)
                 for name in ("k", "v")
             }
-            step.load_constants(caches, check_full_update=False, user_managed=True)
+            names = step.get_constant_names_to_original_fqns()
+            own_caches = {name: caches[fqn] for name, fqn in names.items() if fqn in caches}
+            # The library's cache buffers become the model's tensors themselves (user-managed), not copies.
+            step.update_constant_buffer(own_caches, use_inactive=False, validate_full_updates=False, user_managed=True)
             self.steps[shape] = step, cache
-        return step(tokens, positions, mask, cache_slots)
+        return step.run(inputs)[0]
 
-    def package_path(self, batch_size: int, cache_len: int) -> str:
+    def library_path(self, batch_size: int, cache_len: int) -> str:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
         setting = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
         name = hashlib.sha256(f"{self.digest} {setting}".encode()).hexdigest()[:32]
-        return os.path.join(cache_dir(), "decoding", f"{name}-b{batch_size}-s{cache_len}.pt2")
+        return os.path.join(cache_dir(), "decoding", f"{name}-b{batch_size}-s{cache_len}", "step.so")
 
-    def load(self, path: str, example: tuple[Tensor, ...]) -> Callable[..., Tensor]:
+    def load(self, path: str, inputs: list[Tensor]) -> Any:
         if not os.path.exists(path):
-            print(f"compiling the decoding step for batch {example[0].shape[0]} (a minute or more; kept in {path} "
-                  "for later runs)", file=sys.stderr, flush=True)  # fmt: skip
-            program = torch.export.export(self.model, example)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            partial_path = f"{path[:-4]}.{os.getpid()}.partial.pt2"
+            print(f"compiling the decoding step for batch {inputs[0].shape[0]} (a minute or more; kept in "
+                  f"{os.path.dirname(path)} for later runs)", file=sys.stderr, flush=True)  # fmt: skip
+            program = torch.export.export(self.model, tuple(inputs))
+            building = f"{os.path.dirname(path)}.{os.getpid()}.partial"
             # Weights of 1B+ parameters do not fit in a shared library's data section: they are mapped instead.
             options = {"freezing": True, "max_autotune": True, "aot_inductor.force_mmap_weights": True}
-            torch._inductor.aoti_compile_and_package(program, package_path=partial_path, inductor_configs=options)
-            os.replace(partial_path, path)  # whole or not at all, for a process running the same at once
-        return torch._inductor.aoti_load_package(path)
+            options["aot_inductor.output_path"] = os.path.join(building, "step.so")
+            torch._inductor.aot_compile(program.module(), tuple(inputs), options=options)
+            try:  # whole or not at all; a process that built the same at the same time has put its own in place
+                os.rename(building, os.path.dirname(path))
+            except OSError:
+                shutil.rmtree(building)
+        return torch._C._aoti.AOTIModelContainerRunnerCpu(path, 1)
 
 
 def weights_digest(model: nn.Module) -> str:

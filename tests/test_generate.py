@@ -121,14 +121,14 @@ def test_on_token_can_finish_a_row(model, tokenizer):
 
 
 def test_compiled_step_is_reused_by_later_calls_and_runs(monkeypatch, tmp_path, model_dir, model, tokenizer):
-    """On the CPU --compile compiles the step once into a package on disk. A later call with the same batch size
+    """On the CPU --compile compiles the step once into a library on disk. A later call with the same batch size
     and a shorter prompt + answer runs it as it is, and so does a later run (the model loaded again): no compile,
     and still the uncompiled model's answers, left padding and an early EOS included."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     compiled = load_model(str(model_dir))
     decode_step = compile_decoding(compiled)
     generate_ids(compiled, encode_all(tokenizer, PROMPTS), 32, tokenizer.eos_id, decode_step=decode_step)
-    assert len(list(tmp_path.glob("decoding/*.pt2"))) == 1
+    assert len(list(tmp_path.glob("decoding/*/step.so"))) == 1
     shorter = [tokenizer.encode(p, bos=True) for p in ["Hi", PROMPTS[0], PROMPTS[1]]]
     expected = generate_ids(model, shorter, 16, tokenizer.eos_id)
     eos = expected[1][5]  # a token the second row produces, taken as EOS: that row stops early
@@ -137,7 +137,7 @@ def test_compiled_step_is_reused_by_later_calls_and_runs(monkeypatch, tmp_path, 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
+    monkeypatch.setattr(torch._inductor, "aot_compile", no_compiling)
     assert generate_ids(compiled, shorter, 16, tokenizer.eos_id, decode_step=decode_step) == expected
     assert generate_ids(compiled, shorter, 16, eos, decode_step=decode_step) == expected_with_eos
     later_run = load_model(str(model_dir))
@@ -145,16 +145,16 @@ def test_compiled_step_is_reused_by_later_calls_and_runs(monkeypatch, tmp_path, 
     assert len(expected_with_eos[1]) <= 5
 
 
-def test_compiled_packages_are_told_apart_by_their_weights(model_dir):
-    """A package is found by a digest of the weights: the same checkpoint loaded twice finds the same one, a model
+def test_compiled_steps_are_told_apart_by_their_weights(model_dir):
+    """A compiled step is found by a digest of the weights: the same checkpoint loaded twice finds the same one, a model
     that differs in one weight by a little does not."""
     same, changed = load_model(str(model_dir)), load_model(str(model_dir))
     with torch.no_grad():
         changed.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
-    path = PackagedDecodeStep(load_model(str(model_dir))).package_path(1, 128)
-    assert PackagedDecodeStep(same).package_path(1, 128) == path
-    assert PackagedDecodeStep(changed).package_path(1, 128) != path
-    assert PackagedDecodeStep(same).package_path(2, 128) != path
+    path = PackagedDecodeStep(load_model(str(model_dir))).library_path(1, 128)
+    assert PackagedDecodeStep(same).library_path(1, 128) == path
+    assert PackagedDecodeStep(changed).library_path(1, 128) != path
+    assert PackagedDecodeStep(same).library_path(2, 128) != path
 
 
 def test_context_limit(model, tokenizer):
