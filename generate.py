@@ -10,11 +10,13 @@ As a library: `generate(model, tokenizer, prompts)` takes prompt texts that are 
 """
 
 import argparse
+import getpass
 import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -223,18 +225,23 @@ def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
     (Transformer.fuse_projections), unless they are already (quantize_int8). On the CPU the step is compiled ahead
     of time into a library kept on disk (PackagedDecodeStep); elsewhere torch.compile compiles it, as gpt-fast
     does, on the first step and again for a new batch size or a longer KV cache."""
-    from torch._inductor import config  # 1 s to import, so not for every run of generate.py
-
     if model.layers[0].self_attn.qkv_proj is None:
         model.fuse_projections()
+    if model.embed_tokens.weight.device.type == "cpu":
+        return PackagedDecodeStep(model)
+    configure_inductor()
+    return torch.compile(model, mode="max-autotune", dynamic=False)
+
+
+def configure_inductor() -> None:
+    """Inductor as compile_decoding compiles: the weights frozen, autotuning quiet."""
+    from torch._inductor import config  # 1 s to import, so only when compiling
+
     config.freezing = True
     # Autotuning reports every matrix product it times on stderr, and warns of a deprecation inside Inductor.
     config.autotune_num_choices_displayed = 0
     config.max_autotune_report_choices_stats = False
     warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
-    if model.embed_tokens.weight.device.type == "cpu":
-        return PackagedDecodeStep(model)
-    return torch.compile(model, mode="max-autotune", dynamic=False)
 
 
 class PackagedDecodeStep:
@@ -271,16 +278,19 @@ class PackagedDecodeStep:
         return step.run(inputs)[0]
 
     def library_path(self, batch_size: int, cache_len: int) -> str:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-
+        # Inductor's cache directory, worked out as Inductor does: importing Inductor to ask would take a second.
+        cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"
+        )
         setting = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
         name = hashlib.sha256(f"{self.digest} {setting}".encode()).hexdigest()[:32]
-        return os.path.join(cache_dir(), "decoding", f"{name}-b{batch_size}-s{cache_len}", "step.so")
+        return os.path.join(cache_dir, "decoding", f"{name}-b{batch_size}-s{cache_len}", "step.so")
 
     def load(self, path: str, inputs: list[Tensor]) -> Any:
         if not os.path.exists(path):
             print(f"compiling the decoding step for batch {inputs[0].shape[0]} (a minute or more; kept in "
                   f"{os.path.dirname(path)} for later runs)", file=sys.stderr, flush=True)  # fmt: skip
+            configure_inductor()
             program = torch.export.export(self.model, tuple(inputs))
             building = f"{os.path.dirname(path)}.{os.getpid()}.partial"
             # Weights of 1B+ parameters do not fit in a shared library's data section: they are mapped instead.

@@ -254,7 +254,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        embedding = torch.empty(args.vocab_size, args.dim)
+        if embedding.device.type != "meta":  # normal_ on the meta device imports torch._dynamo: a second for nothing
+            nn.init.normal_(embedding)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=embedding)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
