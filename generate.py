@@ -223,12 +223,12 @@ def compile_decoding(model: Transformer) -> Callable[..., Tensor]:
     max-autotune lets Inductor use its own matrix-vector kernels where they beat the library's, and the work
     between the products is fused (BENCHMARKS.md). q/k/v and gate/up are fused first
     (Transformer.fuse_projections), unless they are already (quantize_int8). On the CPU the step is compiled ahead
-    of time into a library kept on disk (PackagedDecodeStep); elsewhere torch.compile compiles it, as gpt-fast
+    of time into a library kept on disk (AOTDecodeStep); elsewhere torch.compile compiles it, as gpt-fast
     does, on the first step and again for a new batch size or a longer KV cache."""
     if model.layers[0].self_attn.qkv_proj is None:
         model.fuse_projections()
     if model.embed_tokens.weight.device.type == "cpu":
-        return PackagedDecodeStep(model)
+        return AOTDecodeStep(model)
     configure_inductor()
     return torch.compile(model, mode="max-autotune", dynamic=False)
 
@@ -244,9 +244,10 @@ def configure_inductor() -> None:
     warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
 
 
-class PackagedDecodeStep:
+class AOTDecodeStep:
     """A decoding step compiled ahead of time (torch.export, then AOTInductor) into a shared library on disk, one
-    per weights, batch size and KV-cache length, and per torch, CPU instruction set and thread count. A later
+    per model (code, weights and settings), batch size and KV-cache length, and per torch, CPU instruction set
+    and thread count. A later
     process with the same finds the library and loads it in a fraction of a second instead of compiling for a
     minute: torch.compile's own cache skips a step whose frozen weights oneDNN has packed. The compiled step
     writes keys and values into the model's own KV cache, so the prompt, which runs uncompiled, and the steps
@@ -283,7 +284,7 @@ class PackagedDecodeStep:
             tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"
         )
         setting = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
-        name = hashlib.sha256(f"{self.digest} {setting}".encode()).hexdigest()[:32]
+        name = hashlib.sha256(f"{self.digest} {self.model.args} {setting}".encode()).hexdigest()[:32]
         return os.path.join(cache_dir, "decoding", f"{name}-b{batch_size}-s{cache_len}", "step.so")
 
     def load(self, path: str, inputs: list[Tensor]) -> Any:
@@ -305,11 +306,15 @@ class PackagedDecodeStep:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter and persistent buffer: its name, dtype, shape and bytes."""
+    """SHA-256 of the code the model runs (model.py, and this file for the int8 layers) and of every parameter
+    and persistent buffer: its name, dtype, shape and bytes."""
     digest = hashlib.sha256()
+    for path in (sys.modules[type(model).__module__].__file__, __file__):
+        with open(path, "rb") as code:
+            digest.update(code.read())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

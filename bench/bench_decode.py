@@ -258,7 +258,7 @@ def main() -> None:
         limit = max(bandwidth, bandwidth_after) / (bf16_bytes if name == "bf16" else int8_bytes)
         print(f"--compile, {name}: {speed_compiled:.1f} tok/s, {speed_compiled / limit:.0%} of the limit, "
               f"{speed_compiled / speed['bf16']:.2f}x bf16 uncompiled; first call {compiling:.0f} s compiling, "
-              f"{loading:.1f} s in a later run (the package loaded)")  # fmt: skip
+              f"{loading:.1f} s in a later run (the library loaded)")  # fmt: skip
     for batch_size, (shortest, longest, ours, reference) in batched.items():
         print(f"batch {batch_size} (prompts {shortest}-{longest} tokens, left-padded) + {args.batched_new_tokens} "
               f"new, bf16: ours {ours:.1f} tok/s, transformers {reference:.1f}: {ours / reference:.2f}x")  # fmt: skip

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 import generate
 from checkpoint import load_model
 from data import format_prompt
-from generate import PackagedDecodeStep, TextStream, compile_decoding, generate_ids, sample, use_cpu_decoding_layout
+from generate import AOTDecodeStep, TextStream, compile_decoding, generate_ids, sample, use_cpu_decoding_layout
 from tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 128
@@ -146,15 +146,17 @@ def test_compiled_step_is_reused_by_later_calls_and_runs(monkeypatch, tmp_path, 
 
 
 def test_compiled_steps_are_told_apart_by_their_weights(model_dir):
-    """A compiled step is found by a digest of the weights: the same checkpoint loaded twice finds the same one, a model
-    that differs in one weight by a little does not."""
+    """A compiled step is found by a digest of the model: the same checkpoint loaded twice finds the same one, a
+    model that differs in one weight by a little, or in a setting, does not."""
     same, changed = load_model(str(model_dir)), load_model(str(model_dir))
     with torch.no_grad():
         changed.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
-    path = PackagedDecodeStep(load_model(str(model_dir))).library_path(1, 128)
-    assert PackagedDecodeStep(same).library_path(1, 128) == path
-    assert PackagedDecodeStep(changed).library_path(1, 128) != path
-    assert PackagedDecodeStep(same).library_path(2, 128) != path
+    path = AOTDecodeStep(load_model(str(model_dir))).library_path(1, 128)
+    assert AOTDecodeStep(same).library_path(1, 128) == path
+    assert AOTDecodeStep(changed).library_path(1, 128) != path
+    assert AOTDecodeStep(same).library_path(2, 128) != path
+    same.args.rope_theta *= 2  # the same weights, another model
+    assert AOTDecodeStep(same).library_path(1, 128) != path
 
 
 def test_context_limit(model, tokenizer):
