@@ -15,6 +15,7 @@ from distributed import meta_model
 from model import ModelArgs, count_parameters, training_flops
 
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+PCIE_BYTES_PER_S = 25e9  # what a PCIe 4.0 x16 link moves in practice, for --cpu_offload's copies
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -125,6 +126,15 @@ def network_bytes(
     return (ranks - 1) / ranks * (gathers * (2 if args.bf16 else 4) * n_params + 4 * trained)
 
 
+def offload_bytes(args: argparse.Namespace, a: ModelArgs, ranks: int, nodes: int) -> float:
+    """Bytes one rank copies between CPU and GPU memory per optimizer step with --cpu_offload: its fp32 shard of
+    the weights up for every gather (forward and backward of each micro-batch, or once per step with
+    shard_grad_op), and its fp32 gradient shard down once."""
+    shard_ranks = ranks // nodes if args.fsdp_strategy.startswith("hybrid") else ranks
+    gathers = 1 if args.fsdp_strategy.endswith(("shard_grad_op", "zero2")) else 2 * args.gradient_accumulation_steps
+    return (gathers * 4 * count_parameters(a) + 4 * trained_parameters(a, args)) / shard_ranks
+
+
 def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, world_size: int, pad_id: int) -> None:
     """Memory per rank, steps and time of this run, from the config and the tokenized data alone."""
     a, gb = model_args, 1e9
@@ -143,6 +153,14 @@ def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, w
     nodes = args.dry_run_nodes
     memory = memory_per_rank(args, a, ranks, nodes)
     on_cpu = args.dry_run_gpu == "cpu"
+    offload_line = ""
+    if args.cpu_offload and not on_cpu:
+        host = memory.pop(next(iter(memory)))  # the sharded state lives in CPU memory, off the GPU
+        copies = offload_bytes(args, a, ranks, nodes)
+        offload_line = (
+            f"--cpu_offload    {host / gb:.2f} GB of CPU memory per rank; {copies / gb:.1f} GB copied between CPU and "
+            f"GPU per rank per step, {copies / PCIE_BYTES_PER_S:.1f} s at {PCIE_BYTES_PER_S / gb:.0f} GB/s\n"
+        )
     if on_cpu:
         memory["runtime"] = peak_rss_bytes()  # python + torch
     total = sum(memory.values())
@@ -167,7 +185,7 @@ def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, w
         f"steps            {plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
         f"{plan.warmup_steps} warmup\n{lora_line}"
         f"memory per rank  {' + '.join(parts[:3])}\n"
-        f"                 + {' + '.join(parts[3:])} = {total / gb:.2f} GB\n"
+        f"                 + {' + '.join(parts[3:])} = {total / gb:.2f} GB\n{offload_line}"
         f"compute          {flops_per_epoch * epochs / 1e15:.1f} PFLOP ({flops_per_epoch / tokens_per_epoch / 1e9:.1f} "
         f"GFLOP per token, {epochs:.2f} epochs)\n"
         f"time (estimate)  {seconds / 3600:.2f} h on {ranks} x {args.dry_run_gpu} at {args.dry_run_mfu:.0%} MFU"

@@ -201,6 +201,21 @@ def test_cpu_offload_without_a_gpu_is_one_line(flags, tmp_path):
     assert result.stderr.count("\n") == 1 and "this machine has none" in result.stderr, result.stderr
 
 
+def test_dry_run_plans_cpu_offload(tmp_path, tokenizer_model, alpaca_sample):
+    """With --cpu_offload the sharded weights, gradients and AdamW state leave the GPU's total for CPU memory, and
+    the plan says what crosses between the two each step."""
+    flags = common("7B", str(alpaca_sample), tmp_path, model_max_length=512, tokenizer_path=str(tokenizer_model))
+    flags += ["--dry_run", "--dry_run_gpu", "H100", "--dry_run_gpus", "8", "--gradient_accumulation_steps", "4"]
+    plain, offload = run(flags).stdout, run([*flags, "--cpu_offload", "True"]).stdout
+    state = float(re.search(r"weights, grads, AdamW ([\d.]+) GB", plain).group(1))
+    total = float(re.search(r"= ([\d.]+) GB", plain).group(1))
+    assert float(re.search(r"= ([\d.]+) GB", offload).group(1)) == pytest.approx(total - state, abs=0.02)
+    assert f"--cpu_offload    {state:.2f} GB of CPU memory per rank" in offload
+    # Each rank's fp32 shard of 6.74 B parameters goes up twice per micro-batch (4) and its gradients down once.
+    copies = float(re.search(r"([\d.]+) GB copied between CPU and GPU", offload).group(1))
+    assert copies == pytest.approx(9 * 4 * 6.738e9 / 8 / 1e9, rel=0.01)
+
+
 def test_dry_run_memory_matches_measured_peak(tmp_path, tokenizer_model, alpaca_sample):
     """The dry run's per-rank memory for a CPU run against the peak resident memory that run reaches."""
     from checkpoint import save_hf_checkpoint
