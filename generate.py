@@ -123,6 +123,9 @@ def generate_ids(
 
     answers = torch.empty(batch_size, steps, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    # A compiled step keeps its shapes: its mask spans the whole cache, the slots after this one masked out.
+    # Uncompiled, attention reads only the slots written so far.
+    read_all_slots = decode_step is not None
     decode_step = model if decode_step is None else decode_step
     logits = model(tokens, positions[:, :prompt_len], prefill_mask[:, None], slots[:prompt_len])
     for step in range(steps):
@@ -138,12 +141,11 @@ def generate_ids(
         if step + 1 == steps or finished.all():
             break
         slot = prompt_len + step
-        # The mask spans the whole cache, the slots after this one masked out, so that every step has the same
-        # shapes: a compiled step then runs without compiling again.
+        read = slots if read_all_slots else slots[: slot + 1]
         logits = decode_step(
             next_token[:, None],
             positions[:, slot : slot + 1],
-            (is_real & (slots <= slot))[:, None, None],
+            (is_real[:, : len(read)] & (read <= slot))[:, None, None],
             slots[slot : slot + 1],
         )
     rows = answers[:, : step + 1].tolist()
