@@ -127,12 +127,13 @@ def network_bytes(
 
 
 def offload_bytes(args: argparse.Namespace, a: ModelArgs, ranks: int, nodes: int) -> float:
-    """Bytes one rank copies between CPU and GPU memory per optimizer step with --cpu_offload: its fp32 shard of
-    the weights up for every gather (forward and backward of each micro-batch, or once per step with
-    shard_grad_op), and its fp32 gradient shard down once."""
+    """Bytes one rank copies between CPU and GPU memory per optimizer step with --cpu_offload: its shard of the
+    weights up for every gather (forward and backward of each micro-batch, or once per step with
+    shard_grad_op), in fp32 (a LoRA base in its compute dtype), and its fp32 gradient shard down once."""
     shard_ranks = ranks // nodes if args.fsdp_strategy.startswith("hybrid") else ranks
     gathers = 1 if args.fsdp_strategy.endswith(("shard_grad_op", "zero2")) else 2 * args.gradient_accumulation_steps
-    return (gathers * 4 * count_parameters(a) + 4 * trained_parameters(a, args)) / shard_ranks
+    weight_bytes = 2 if args.lora_r is not None and args.bf16 else 4
+    return (gathers * weight_bytes * count_parameters(a) + 4 * trained_parameters(a, args)) / shard_ranks
 
 
 def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, world_size: int, pad_id: int) -> None:

@@ -145,7 +145,7 @@ def test_compiled_step_is_reused_by_later_calls_and_runs(monkeypatch, tmp_path, 
     assert len(expected_with_eos[1]) <= 5
 
 
-def test_compiled_steps_are_told_apart_by_their_weights(model_dir):
+def test_compiled_steps_are_told_apart_by_model_and_batch(model_dir):
     """A compiled step is found by a digest of the model: the same checkpoint loaded twice finds the same one, a
     model that differs in one weight by a little, or in a setting, does not."""
     same, changed = load_model(str(model_dir)), load_model(str(model_dir))
