@@ -98,6 +98,11 @@ def rank0_first(fn):
 FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2")
 
 
+def keeps_weights_gathered(strategy: str) -> bool:
+    """ZeRO-2 (shard_grad_op, hybrid_shard_zero2): the weights stay gathered from forward to backward."""
+    return strategy in ("shard_grad_op", "hybrid_shard_zero2")
+
+
 def device_mesh(device: torch.device, strategy: str) -> DeviceMesh:
     """1-D over all ranks, or for hybrid strategies 2-D: (machines, ranks per machine), torchrun's
     LOCAL_WORLD_SIZE being the ranks of one machine."""
@@ -129,7 +134,7 @@ def build_model(model_args: ModelArgs, args: argparse.Namespace, device: torch.d
     shard = partial(
         fully_shard,
         mesh=device_mesh(device, args.fsdp_strategy),
-        reshard_after_forward=args.fsdp_strategy in ("full_shard", "hybrid_shard"),
+        reshard_after_forward=not keeps_weights_gathered(args.fsdp_strategy),
         mp_policy=mp or MixedPrecisionPolicy(),
         offload_policy=CPUOffloadPolicy() if args.cpu_offload else OffloadPolicy(),
     )

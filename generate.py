@@ -249,11 +249,10 @@ def configure_inductor() -> None:
 class AOTDecodeStep:
     """A decoding step compiled ahead of time (torch.export, then AOTInductor) into a shared library on disk, one
     per model (code, weights and settings), batch size and KV-cache length, and per torch, CPU instruction set
-    and thread count. A later
-    process with the same finds the library and loads it in a fraction of a second instead of compiling for a
-    minute: torch.compile's own cache skips a step whose frozen weights oneDNN has packed. The compiled step
-    writes keys and values into the model's own KV cache, so the prompt, which runs uncompiled, and the steps
-    share it."""
+    and thread count. A later process with the same finds the library and loads it in a fraction of a second
+    instead of compiling for a minute: torch.compile's own cache skips a step whose frozen weights oneDNN has
+    packed. The compiled step writes keys and values into the model's own KV cache, so the prompt, which runs
+    uncompiled, and the steps share it."""
 
     def __init__(self, model: Transformer):
         self.model = model

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from data import Dataset, padding_fraction
-from distributed import meta_model
+from distributed import keeps_weights_gathered, meta_model
 from model import ModelArgs, count_parameters, training_flops
 
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
@@ -71,10 +71,9 @@ def memory_per_rank(args: argparse.Namespace, a: ModelArgs, ranks: int, nodes: i
     act = 2 if args.bf16 else 4
     n_params, trained = count_parameters(a), trained_parameters(a, args)
     lora = args.lora_r is not None
-    shard_ranks = ranks // nodes if args.fsdp_strategy.startswith("hybrid") else ranks
     block = a.dim * a.head_dim * 2 * (a.n_heads + a.n_kv_heads) + 3 * a.dim * a.hidden_dim
     gathered = 2 * act * max(block, 2 * a.dim * a.vocab_size)  # the unsharded block in use and the prefetched one
-    if args.fsdp_strategy.endswith(("shard_grad_op", "zero2")):
+    if keeps_weights_gathered(args.fsdp_strategy):
         gathered = act * n_params  # ZeRO-2 keeps every block gathered from its forward to its backward
     tokens = args.per_device_train_batch_size * args.model_max_length
     # Saved for backward per token and layer: norms in fp32, q/k/v/attention/o and the SwiGLU intermediates.
@@ -83,7 +82,7 @@ def memory_per_rank(args: argparse.Namespace, a: ModelArgs, ranks: int, nodes: i
     # FSDP keeps 1/ranks of the fp32 weights, gradients and both AdamW moments on each rank; accumulating without
     # a reduce-scatter adds each block's unsharded fp32 gradient until the last micro-step. A frozen base (LoRA)
     # is only its 1/ranks in the compute dtype; the adapters are trained weights as above.
-    sharded = (16 * trained + (act * n_params if lora else 0)) / shard_ranks
+    sharded = (16 * trained + (act * n_params if lora else 0)) / shard_ranks(args.fsdp_strategy, ranks, nodes)
     return {
         ("base + adapters, grads, AdamW" if lora else "weights, grads, AdamW"): sharded,
         "accumulated grads": 4 * trained if args.gradient_accumulation_steps > 1 else 0,
@@ -91,6 +90,16 @@ def memory_per_rank(args: argparse.Namespace, a: ModelArgs, ranks: int, nodes: i
         "activations": tokens * (layers_kept * per_layer + a.n_layers * act * a.dim * args.gradient_checkpointing),
         "logits": 2 * 4 * min(4096, tokens) * a.vocab_size,  # one chunk of fp32 logits and its gradient
     }
+
+
+def shard_ranks(strategy: str, ranks: int, nodes: int) -> int:
+    """The ranks that share one copy of the sharded state: a machine's with hybrid strategies, else all."""
+    return ranks // nodes if strategy.startswith("hybrid") else ranks
+
+
+def weight_gathers(strategy: str, accumulation_steps: int) -> int:
+    """All-gathers of the weights per optimizer step: forward and backward of each micro-batch, or once (ZeRO-2)."""
+    return 1 if keeps_weights_gathered(strategy) else 2 * accumulation_steps
 
 
 def trained_parameters(a: ModelArgs, args: argparse.Namespace) -> int:
@@ -122,7 +131,7 @@ def network_bytes(
         # Within a machine the gradients are reduce-scattered; across machines only the fp32 gradient shards
         # are all-reduced between the replicas, once per step.
         return 2 * (nodes - 1) / nodes * 4 * trained
-    gathers = 1 if strategy == "shard_grad_op" else 2 * args.gradient_accumulation_steps
+    gathers = weight_gathers(strategy, args.gradient_accumulation_steps)
     return (ranks - 1) / ranks * (gathers * (2 if args.bf16 else 4) * n_params + 4 * trained)
 
 
@@ -130,10 +139,10 @@ def offload_bytes(args: argparse.Namespace, a: ModelArgs, ranks: int, nodes: int
     """Bytes one rank copies between CPU and GPU memory per optimizer step with --cpu_offload: its shard of the
     weights up for every gather (forward and backward of each micro-batch, or once per step with
     shard_grad_op), in fp32 (a LoRA base in its compute dtype), and its fp32 gradient shard down once."""
-    shard_ranks = ranks // nodes if args.fsdp_strategy.startswith("hybrid") else ranks
-    gathers = 1 if args.fsdp_strategy.endswith(("shard_grad_op", "zero2")) else 2 * args.gradient_accumulation_steps
+    gathers = weight_gathers(args.fsdp_strategy, args.gradient_accumulation_steps)
     weight_bytes = 2 if args.lora_r is not None and args.bf16 else 4
-    return (gathers * weight_bytes * count_parameters(a) + 4 * trained_parameters(a, args)) / shard_ranks
+    copies = gathers * weight_bytes * count_parameters(a) + 4 * trained_parameters(a, args)
+    return copies / shard_ranks(args.fsdp_strategy, ranks, nodes)
 
 
 def dry_run(args: argparse.Namespace, model_args: ModelArgs, dataset: Dataset, world_size: int, pad_id: int) -> None:

@@ -32,6 +32,7 @@ from distributed import (
     build_model,
     full_tensors,
     init_adapters,
+    keeps_weights_gathered,
     load_sharded_weights,
     on_rank0,
     rank0_decides,
@@ -260,7 +261,7 @@ def train_step(model, optimizer, micro_batches, n_supervised: int, lr: float, ar
     inputs = [model_inputs(batch, device) for batch in micro_batches]
     # ZeRO-2 keeps the gathered weights from one micro-batch's forward to the last one's backward: one all-gather
     # per step instead of two per micro-batch, for the memory of the whole bf16 model on each rank.
-    keep_gathered = args.fsdp_strategy in ("shard_grad_op", "hybrid_shard_zero2")
+    keep_gathered = keeps_weights_gathered(args.fsdp_strategy)
     for i, kwargs in enumerate(inputs):
         last = i == len(inputs) - 1
         model.set_requires_gradient_sync(last)
