@@ -46,6 +46,7 @@ OPENAI_API_BASE = "https://api.openai.com/v1"
 # alpaca_eval's two annotator configs send the same request and differ in how they read the answer: the
 # probability that the judge names the first output (m) against the second (M), or which of the two is likelier.
 ANNOTATORS_BINARIZE = {"weighted_alpaca_eval_gpt4_turbo": False, "alpaca_eval_clf_gpt4_turbo": True}
+DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"  # AlpacaEval 2.0's
 JUDGE_MODEL = "gpt-4-1106-preview"
 JUDGE_SETTINGS = {"max_tokens": 1, "temperature": 1, "top_p": 1.0, "logprobs": True, "top_logprobs": 5}
 # PairwiseAnnotator hands its annotators its own seed, 0; SingleAnnotator's default of 123 is never used.
@@ -426,7 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "results/<model name> with --model_path)",
     )
     parser.add_argument(
-        "--annotators_config", choices=list(ANNOTATORS_BINARIZE), default="weighted_alpaca_eval_gpt4_turbo",
+        "--annotators_config", choices=list(ANNOTATORS_BINARIZE), default=DEFAULT_ANNOTATOR,
         help="alpaca_eval's judge config: the judge's probability of each output (AlpacaEval 2.0's default), or "
         "its likelier choice (clf)",
     )  # fmt: skip

@@ -5,12 +5,14 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, SHARED_DATA
 from judge_server import UNPARSEABLE, JudgeServer
@@ -177,12 +179,12 @@ def test_a_killed_run_resumes_without_paying_twice(outputs, tmp_path):
         if evaluate.is_swapped(pair["instruction"]):
             first, second = second, first
         key = evaluate.JudgeCache.key(
-            CONFIGS[0], evaluate.JUDGE_MODEL, pair["instruction"], pair["output_1"], pair["output_2"]
+            evaluate.DEFAULT_ANNOTATOR, evaluate.JUDGE_MODEL, pair["instruction"], pair["output_1"], pair["output_2"]
         )
         if key in cache.entries:
             recorded.add(json.dumps(evaluate.judge_messages(template, pair["instruction"], first, second)))
     assert not recorded & {json.dumps(r["messages"]) for r in again}
-    annotations = json.loads((tmp_path / CONFIGS[0] / "annotations.json").read_text())
+    annotations = json.loads((tmp_path / evaluate.DEFAULT_ANNOTATOR / "annotations.json").read_text())
     assert sum(a["preference"] is not None for a in annotations) == 252 - N_UNPARSEABLE
 
 
@@ -238,3 +240,43 @@ def test_judge_errors_end_in_one_line(outputs, tmp_path, monkeypatch):
 
 def test_standard_error_of_a_single_judgement_is_nan_like_pandas():
     assert math.isnan(evaluate.win_rate([2.0])["standard_error"])
+
+
+def test_model_path_answers_the_eval_set_like_transformers_then_judges(tokenizer_model, tmp_path):
+    """--model_path: the first instructions answered greedily in the Alpaca template (the input one where there is
+    an input), to the end of the context, equal transformers' greedy answers; then judged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data import format_prompt
+    from tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=32000, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    shutil.copyfile(tokenizer_model, model_dir / "tokenizer.model")
+    judge = JudgeServer()
+    run_ours(["--model_path", str(model_dir), "--max_instances", "6", "--temperature", "0", "--batch_size", "2",
+              "--output_path", str(tmp_path / "out")], judge)  # fmt: skip
+    judge.close()
+
+    answers = json.loads((tmp_path / "out" / "model_outputs.json").read_text())
+    pairs = evaluate.eval_instructions()[:6]
+    assert any(input for _, input in pairs) and not all(input for _, input in pairs)
+    assert [a["instruction"] for a in answers] == [evaluate.merged_instruction(*p) for p in pairs]
+    assert {a["generator"] for a in answers} == {"tiny"} and {a["dataset"] for a in answers} == {"selfinstruct"}
+    reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = Tokenizer(str(tokenizer_model))
+    for (instruction, input), answer in zip(pairs, answers, strict=True):
+        ids = tokenizer.encode(format_prompt(instruction, input), bos=True)
+        with torch.inference_mode():
+            out = reference.generate(
+                torch.tensor([ids]), do_sample=False, max_new_tokens=256 - len(ids), pad_token_id=0
+            )
+        expected = [t for t in out[0, len(ids) :].tolist() if t != 2]
+        assert answer["output"] == tokenizer.decode(expected).strip()
+    annotations = json.loads((tmp_path / "out" / evaluate.DEFAULT_ANNOTATOR / "annotations.json").read_text())
+    assert len(annotations) == len(judge.requests) == 6
