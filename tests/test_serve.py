@@ -2,13 +2,8 @@
 generate.py, streaming, batching of concurrent requests, bad requests, clients that leave, Ctrl-C, and the chat
 page in a real headless Chromium."""
 
-import base64
-import fcntl
 import http.client
 import json
-import os
-import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
+from browser import Chromium, needs_chromium, post
 from transformers import LlamaForCausalLM
 
 import serve
@@ -178,15 +174,6 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client, batches):
     assert alone[1] != complete(client, **(requests[1] | {"seed": 7})).choices[0].text  # the seed does matter
 
 
-def post(url, path, body, method="POST", headers=None):
-    """(status, decoded JSON) of a request made with the standard library, body as given (bytes: sent as is)."""
-    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    connection.request(method, path, body=data, headers={"Content-Type": "application/json"} | (headers or {}))
-    response = connection.getresponse()
-    return response.status, json.loads(response.read())
-
-
 GOOD = {"prompt": "Hi", "max_tokens": 4}
 BAD_REQUESTS = [
     ("POST", "/v1/completions", b'{"prompt": "Hi",', 400, "not valid JSON"),
@@ -337,77 +324,7 @@ def test_a_port_in_use_is_one_line(model_dir):
 # The chat page in a real browser
 
 
-def pipe_above_fd_4() -> tuple[int, int]:
-    """A pipe whose ends are not fds 3 or 4, which the redirections to the browser's fds 3 and 4 would clobber."""
-    ends = os.pipe()
-    high_ends = tuple(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) for fd in ends)
-    for fd in ends:
-        os.close(fd)
-    return high_ends
-
-
-class Chromium:
-    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: the browser reads
-    NUL-terminated JSON commands on its fd 3 and writes replies and events on its fd 4), standard library only."""
-
-    def __init__(self, profile_dir):
-        command_read, self.command_write = pipe_above_fd_4()
-        self.reply_read, reply_write = pipe_above_fd_4()
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--window-size=900,700"]
-        command = [shutil.which("chromium"), *flags, f"--user-data-dir={profile_dir}", "about:blank"]
-        self.process = subprocess.Popen(
-            ["bash", "-c", f'exec "$@" 3<&{command_read} 4>&{reply_write}', "bash", *command],
-            pass_fds=(command_read, reply_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        os.close(command_read)
-        os.close(reply_write)
-        self.buffer, self.last_id, self.session = b"", 0, None
-
-    def call(self, method, **params):
-        self.last_id += 1
-        message = {"id": self.last_id, "method": method, "params": params}
-        if self.session is not None:
-            message["sessionId"] = self.session
-        os.write(self.command_write, json.dumps(message).encode() + b"\0")
-        while True:
-            while b"\0" not in self.buffer:
-                readable, _, _ = select.select([self.reply_read], [], [], 30)
-                assert readable, f"Chromium did not answer {method}"
-                data = os.read(self.reply_read, 1 << 20)
-                assert data, f"Chromium exited (status {self.process.poll()}) instead of answering {method}"
-                self.buffer += data
-            reply, self.buffer = self.buffer.split(b"\0", 1)
-            reply = json.loads(reply)
-            if reply.get("id") == self.last_id:
-                assert "error" not in reply, reply
-                return reply["result"]
-
-    def evaluate(self, expression):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result
-        return result["result"].get("value")
-
-    def wait_for(self, expression, seconds=30):
-        deadline = time.monotonic() + seconds
-        while not self.evaluate(expression):
-            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-            time.sleep(0.05)
-
-    def click(self, selector):
-        box = self.evaluate(f"JSON.stringify(document.querySelector('{selector}').getBoundingClientRect())")
-        box = json.loads(box)
-        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def close(self):
-        self.process.kill()
-        self.process.wait()
-        os.close(self.command_write)
-        os.close(self.reply_read)
-
-
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+@needs_chromium
 def test_chat_page_in_a_real_browser(url, client, batches, tmp_path):
     """Opens the page, types an instruction and an input, presses Send and sees the answer stream in: the same
     answer the API gives. The screenshot is left in the test's temporary directory. Then Stop, mid-answer."""
@@ -416,9 +333,7 @@ def test_chat_page_in_a_real_browser(url, client, batches, tmp_path):
     batches.step_delay = 0.02  # 40 tokens over about a second, so the page has something to show as it comes
     browser = Chromium(tmp_path / "profile")
     try:
-        target = browser.call("Target.createTarget", url="about:blank")["targetId"]
-        browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        browser.call("Page.navigate", url=url + "/")
+        browser.open(url + "/")
         browser.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent !== ''")
         browser.evaluate("document.getElementById('temperature').value = '0'")
         browser.evaluate("document.getElementById('max_tokens').value = '40'")
@@ -436,8 +351,7 @@ def test_chat_page_in_a_real_browser(url, client, batches, tmp_path):
         browser.wait_for("document.getElementById('send').disabled === false")
         answer = browser.evaluate("document.querySelector('.answer').textContent")
         shown = browser.evaluate("document.querySelector('.instruction').textContent")
-        screenshot = browser.call("Page.captureScreenshot", format="png")["data"]
-        (tmp_path / "chat.png").write_bytes(base64.b64decode(screenshot))
+        browser.screenshot(tmp_path / "chat.png")
         assert answer == expected
         assert shown == instruction + input
         assert browser.evaluate("window.changes") > 10
