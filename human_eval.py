@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
 import threading
 from collections import defaultdict
@@ -30,6 +29,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from evaluate import win_rate
 from serve import Handler, RequestError
 
 HUMAN_PAGE = Path(__file__).with_name("human_eval.html")
@@ -108,20 +108,6 @@ def cut_torn_line(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The report
-
-
-def win_rate(preferences: list[float]) -> dict:
-    """alpaca_eval's head-to-head numbers (metrics.get_winrate) for a list of preferences."""
-    won = [p - 1 for p in preferences]
-    n = len(won)
-    return {
-        "win_rate": 100 * statistics.fmean(won),
-        "standard_error": 100 * statistics.stdev(won) / math.sqrt(n) if n > 1 else math.nan,
-        "n_wins": sum(p == 2 for p in preferences),
-        "n_wins_base": sum(p == 1 for p in preferences),
-        "n_draws": sum(p == 1.5 for p in preferences),
-        "n_total": n,
-    }
 
 
 def agreement(votes: list[dict]) -> tuple[int, int, int]:

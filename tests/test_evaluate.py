@@ -2,6 +2,7 @@
 judge with a position bias: the same requests, the same preference per instruction, the same leaderboard."""
 
 import csv
+import http.client
 import json
 import math
 import os
@@ -280,3 +281,33 @@ def test_model_path_answers_the_eval_set_like_transformers_then_judges(tokenizer
         assert answer["output"] == tokenizer.decode(expected).strip()
     annotations = json.loads((tmp_path / "out" / evaluate.DEFAULT_ANNOTATOR / "annotations.json").read_text())
     assert len(annotations) == len(judge.requests) == 6
+
+
+def test_human_flags_serve_the_pairs_blind_and_report_the_votes(outputs, tmp_path):
+    """--human serves evaluate.py's pairs on a local page (human_eval.py, tested in test_human_eval.py);
+    --human_report reads the votes back."""
+    from browser import post
+
+    model, reference = outputs
+    command = [sys.executable, EVALUATE, "--human", "--model_outputs", model, "--reference_outputs", reference,
+               "--output_path", str(tmp_path), "--port", "0"]  # fmt: skip
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        assert line.startswith("252 pairs to compare blind at http://127.0.0.1:"), line
+        url = line.split("at ")[1].split("/ ")[0]
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        connection.request("GET", "/pair?rater=ada")
+        shown = json.loads(connection.getresponse().read())
+        assert "made-up" not in json.dumps(shown) and "text-davinci-003" not in json.dumps(shown)
+        instruction = shown["instruction"]
+        status, _ = post(url, "/vote", {"rater": "ada", "instruction": instruction, "choice": "tie"})
+        assert status == 200
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    report = subprocess.run([sys.executable, EVALUATE, "--human_report", str(tmp_path)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert "made-up" in report.stdout and "all raters" in report.stdout
+    (vote,) = [json.loads(line) for line in (tmp_path / "human_votes.jsonl").read_text().splitlines()]
+    assert vote["instruction"] == instruction and vote["preference"] == 1.5 and vote["generator_2"] == "made-up"
