@@ -210,6 +210,21 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, tokenizer, refer
     assert choice.text == PROMPTS[0] and choice.logprobs is None
 
 
+def test_byte_pieces_show_their_own_byte(client, tokenizer, reference):
+    """An emoji that SentencePiece spells in four byte-fallback pieces: each token shows its byte, escaped as
+    OpenAI shows a partial character, with that one byte in `bytes`; all four start where the emoji does."""
+    prompt = "Smile \N{GRINNING FACE} now"
+    ids = tokenizer.encode(prompt, bos=True)
+    choice = complete(client, prompt, echo=True, logprobs=1, max_tokens=0).choices[0]
+    logprobs = choice.logprobs
+    assert logprobs.tokens == ["<s>", "Sm", "ile", " ", "\\xf0", "\\x9f", "\\x98", "\\x80", " now"]
+    assert logprobs.text_offset == [0, 0, 2, 5, 6, 6, 6, 6, 7] and choice.text == prompt
+    rows = log_softmax(reference, ids)
+    assert_close(logprobs.token_logprobs[1:], [rows[j - 1, ids[j]].item() for j in range(1, len(ids))])
+    # The chat shape's bytes hold the piece's one byte.
+    assert serve.token_string(tokenizer, ids[4], at_start=False) == ("\\xf0", [0xF0])
+
+
 def test_token_id_prompts_are_taken_as_they_are(client, tokenizer, reference):
     """As lm-evaluation-harness sends them: no BOS added, a list of ints or a list of lists of different lengths."""
     id_prompts = [tokenizer.encode(text) for text in PROMPTS] + [[1, 450, 7483]]
