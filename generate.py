@@ -79,6 +79,7 @@ def generate_ids(
     on_token: Callable[[list[int]], list[bool] | None] | None = None,
     decode_step: Callable[..., Tensor] | None = None,
     sample_next: Callable[[Tensor], Tensor] | None = None,
+    on_prompt_logits: Callable[[Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Answers to a batch of prompts (token ids, BOS included) as token ids, EOS left out.
 
@@ -89,6 +90,8 @@ def generate_ids(
     answers for the same batch. decode_step runs the model on each new token: the model itself by default, or
     what compile_decoding returns. sample_next, if given, picks each row's next token (B,) from the last-position
     logits (B, vocab) in place of temperature, top_p, top_k and seed: for settings that differ from row to row.
+    on_prompt_logits, if given, receives the logits of every prompt position (B, T, vocab) once the prompts have
+    run, even with max_new_tokens 0: left-padded, so row i's prompt is its last len(prompt_ids[i]) positions.
     The KV cache stays with the model for the next call (model.clear_cache() frees it).
     """
     check_prompt_lengths(prompt_ids, model.args.max_seq_len)
@@ -97,7 +100,7 @@ def generate_ids(
     lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)
     max_answer_lens = (model.args.max_seq_len - lengths).clamp(max=max_new_tokens)
     steps = int(max_answer_lens.max())
-    if steps <= 0:
+    if steps <= 0 and on_prompt_logits is None:
         return [[] for _ in prompt_ids]
 
     # Left padding ends every prompt at cache slot prompt_len - 1, so all rows write each new token to the same
@@ -128,6 +131,10 @@ def generate_ids(
     read_all_slots = decode_step is not None
     decode_step = model if decode_step is None else decode_step
     logits = model(tokens, positions[:, :prompt_len], prefill_mask[:, None], slots[:prompt_len])
+    if on_prompt_logits is not None:
+        on_prompt_logits(logits)
+        if steps <= 0:
+            return [[] for _ in prompt_ids]
     for step in range(steps):
         if sample_next is None:
             next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)

@@ -5,10 +5,13 @@
         -d '{"messages": [{"role": "user", "content": "Give three tips for staying healthy."}]}'
 
 Routes: GET /v1/models, POST /v1/completions (the raw prompt with BOS prepended, as `generate.py --raw`; a list of
-prompts gives one choice each), POST /v1/chat/completions (the conversation's last user message is the instruction
-in the Alpaca template; when the last two messages are both the user's, they are the instruction and its input;
-earlier turns are left out, as Alpaca answers single instructions), GET /health, and GET / for the chat page.
-`stream: true` sends server-sent events (`data: {json}` lines, then `data: [DONE]`).
+prompts gives one choice each; token ids are taken as they are), POST /v1/chat/completions (the conversation's
+last user message is the instruction in the Alpaca template; when the last two messages are both the user's, they
+are the instruction and its input; earlier turns are left out, as Alpaca answers single instructions),
+GET /health, and GET / for the chat page.
+`stream: true` sends server-sent events (`data: {json}` lines, then `data: [DONE]`). `logprobs` (with `top_logprobs`
+on chat) gives each token's log_softmax of the model's logits before temperature, in OpenAI's shapes; `echo` on
+completions gives the prompt's tokens too, each scored by the prefill's logits at the position before it.
 
 One thread owns the model and decodes. Each HTTP request's thread puts a Job per prompt on a queue and reads the
 answer back from the job's own queue. The jobs waiting when a batch starts are decoded together (up to
@@ -18,6 +21,7 @@ the next token; a new job waits for the running batch to end.
 """
 
 import argparse
+import codecs
 import json
 import os
 import queue
@@ -48,7 +52,7 @@ from generate import (
     sample,
 )
 from model import Transformer
-from tokenizer import Tokenizer
+from tokenizer import PAD_PIECE, Tokenizer
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20
@@ -66,8 +70,9 @@ class RequestError(Exception):
 @dataclass
 class Job:
     """One answer to produce. The request thread fills the first fields; the decoding thread owns the rest and
-    reports to `events`: ("text", index, text) as the answer grows, then ("end", index, finish_reason), or
-    ("error", index, message)."""
+    reports to `events`: ("text", index, text, tokens) as the answer grows (tokens: the TokenLogprobs of the tokens
+    whose text starts in it, with logprobs wanted), then ("end", index, finish_reason), or ("error", index,
+    message)."""
 
     index: int  # the choice's index in its response
     prompt_ids: list[int]
@@ -76,6 +81,8 @@ class Job:
     top_p: float
     seed: int | None
     stop: list[str]
+    logprobs: int | None  # how many most likely tokens to give with each token's logprob (None: no logprobs)
+    echo: str | None  # the prompt's text, which the choice starts with (None: no echo)
     deadline: float  # time.monotonic() at which the answer is cut
     events: queue.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -83,6 +90,10 @@ class Job:
     generator: torch.Generator | None = None
     text: str = ""
     sent: int = 0  # characters of text already put on events
+    offset: int = 0  # characters before the answer in the choice's text: the echoed prompt's
+    tokens: list["TokenLogprob"] = field(default_factory=list)  # the answer's tokens, with logprobs wanted
+    tokens_sent: int = 0
+    scores: tuple[Tensor, Tensor, Tensor] | None = None  # logprobs_of the token just picked, for advance
     n_tokens: int = 0
     done: bool = False
 
@@ -138,14 +149,23 @@ def decode_batch(
 
     def sample_rows(logits: Tensor) -> Tensor:
         # Row by row, each with its own settings and generator: a seeded answer does not depend on its neighbours.
-        return torch.cat(
+        tokens = torch.cat(
             [sample(logits[i : i + 1], job.temperature, job.top_p, 0, job.generator) for i, job in enumerate(batch)]
         )
+        for i, job in enumerate(batch):
+            if job.logprobs is not None and not job.done:
+                job.scores = logprobs_of(logits[i : i + 1], tokens[i : i + 1], job.logprobs)
+        return tokens
+
+    def echo_prompts(logits: Tensor) -> None:
+        for i, job in enumerate(batch):
+            if job.echo is not None:
+                echo_prompt(job, logits[i, logits.shape[1] - len(job.prompt_ids) :], tokenizer)
 
     def on_token(tokens: list[int]) -> list[bool]:
         if stopping.is_set():
             return [True] * len(batch)
-        return [advance(job, token, tokenizer.eos_id) for job, token in zip(batch, tokens, strict=True)]
+        return [advance(job, token, tokenizer) for job, token in zip(batch, tokens, strict=True)]
 
     generate_ids(
         model,
@@ -155,18 +175,37 @@ def decode_batch(
         on_token=on_token,
         decode_step=decode_step,
         sample_next=sample_rows,
+        on_prompt_logits=echo_prompts if any(job.echo is not None for job in batch) else None,
     )
 
 
-def advance(job: Job, token: int, eos_id: int) -> bool:
+def echo_prompt(job: Job, logits: Tensor, tokenizer: Tokenizer) -> None:
+    """Starts job's choice with its prompt, from the prompt's logits (len(prompt_ids), vocab): its text, and with
+    logprobs wanted its tokens, each scored at the position before it. An answer of no tokens ends there."""
+    tokens = []
+    if job.logprobs is not None:
+        ids = job.prompt_ids
+        scores = logprobs_of(logits[:-1], torch.tensor(ids[1:], device=logits.device), job.logprobs)
+        tokens = prompt_token_logprobs(tokenizer, ids, *scores)
+    job.offset = len(job.echo)
+    job.events.put(("text", job.index, job.echo, tokens))
+    if job.max_tokens == 0:
+        end(job, "length")
+
+
+def advance(job: Job, token: int, tokenizer: Tokenizer) -> bool:
     """Takes the next token of job's answer; True once the answer is over."""
     if job.done:
         return True
     if job.cancelled.is_set():  # nobody reads the answer any more
         job.done = True
         return True
-    if token == eos_id:
-        return add_text(job, job.stream.finish()) or end(job, "stop")
+    if token == tokenizer.eos_id:
+        if add_text(job, job.stream.finish()):
+            return True
+        keep_logprobs(job, token, tokenizer)
+        return end(job, "stop")
+    keep_logprobs(job, token, tokenizer)
     job.n_tokens += 1
     if add_text(job, job.stream.add(token)):
         return True
@@ -181,6 +220,7 @@ def add_text(job: Job, new_text: str) -> bool:
     cut = min((i for stop in job.stop if (i := job.text.find(stop)) >= 0), default=-1)
     if cut >= 0:
         job.text = job.text[:cut]
+        job.tokens = [token for token in job.tokens if token.offset < job.offset + cut]
         return end(job, "stop")
     # An ending that may be the start of a stop string waits for the next token, so none is ever shown in part.
     held = max((k for stop in job.stop for k in range(1, len(stop)) if job.text.endswith(stop[:k])), default=0)
@@ -188,17 +228,126 @@ def add_text(job: Job, new_text: str) -> bool:
     return False
 
 
-def send_text(job: Job, upto: int) -> None:
-    if upto > job.sent:
-        job.events.put(("text", job.index, job.text[job.sent : upto]))
-        job.sent = upto
+def send_text(job: Job, upto: int, final: bool = False) -> None:
+    """Hands on the text up to upto, with the tokens whose text starts before there (final: all that are left)."""
+    n_tokens = job.tokens_sent
+    while n_tokens < len(job.tokens) and (final or job.tokens[n_tokens].offset < job.offset + upto):
+        n_tokens += 1
+    if upto > job.sent or n_tokens > job.tokens_sent:
+        job.events.put(("text", job.index, job.text[job.sent : upto], job.tokens[job.tokens_sent : n_tokens]))
+        job.sent, job.tokens_sent = upto, n_tokens
 
 
 def end(job: Job, finish_reason: str) -> bool:
-    send_text(job, len(job.text))
+    send_text(job, len(job.text), final=True)
     job.events.put(("end", job.index, finish_reason))
     job.done = True
     return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logprobs: log_softmax of the logits before temperature, in float32, as OpenAI and vLLM give them
+
+
+@dataclass
+class TokenLogprob:
+    """A token of a choice: its text as OpenAI shows it (see token_string), its logprob and the most likely
+    tokens in its place, as (text, bytes, logprob); both None for a prompt's first token, which nothing
+    predicts. offset: where its text starts in the choice's text."""
+
+    token: str
+    bytes: list[int] | None
+    logprob: float | None
+    top: list[tuple[str, list[int] | None, float]] | None
+    offset: int
+
+
+def logprobs_of(logits: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """From logits (N, vocab): the logprob of each row's token (N,), and the k most likely tokens (N, k) with
+    their logprobs (N, k)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    top = logprobs.topk(k, dim=-1)
+    return logprobs.gather(-1, tokens[:, None]).squeeze(-1), top.indices, top.values
+
+
+def token_string(tokenizer: Tokenizer, token: int, at_start: bool) -> tuple[str, list[int] | None]:
+    """A token's text as decoding spells it out there (Tokenizer.token_bytes), and its UTF-8 bytes. A byte-fallback
+    piece's lone byte reads as an escape ("\\xe2"); a token that is no text (BOS, EOS, [PAD]) shows its piece,
+    with no bytes."""
+    raw = tokenizer.token_bytes(token, at_start)
+    if raw is None:
+        piece = PAD_PIECE if token == tokenizer.pad_id else ""  # past SentencePiece's pieces
+        return (tokenizer.sp.IdToPiece(token) if token < tokenizer.n_words else piece), None
+    return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+
+
+def token_logprob(
+    tokenizer: Tokenizer, token: int, at_start: bool, offset: int, scores: tuple[float, list[int], list[float]] | None
+) -> TokenLogprob:
+    """token's TokenLogprob from its scores (its logprob, the top tokens and their logprobs), None: unscored."""
+    text, raw = token_string(tokenizer, token, at_start)
+    if scores is None:
+        return TokenLogprob(text, raw, None, None, offset)
+    logprob, top_ids, top_logprobs = scores
+    top = [(*token_string(tokenizer, t, at_start), value) for t, value in zip(top_ids, top_logprobs, strict=True)]
+    return TokenLogprob(text, raw, logprob, top, offset)
+
+
+def prompt_token_logprobs(
+    tokenizer: Tokenizer, ids: list[int], logprobs: Tensor, top_ids: Tensor, top_logprobs: Tensor
+) -> list[TokenLogprob]:
+    """A prompt's tokens, the first unscored and token j + 1 scored by logprobs_of's row j, with the offsets of
+    their text in the decoded prompt (a character that byte pieces spell starts at its first byte's)."""
+    scores = [None, *zip(logprobs.tolist(), top_ids.tolist(), top_logprobs.tolist(), strict=True)]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tokens, offset, at_start = [], 0, True
+    for token, token_scores in zip(ids, scores, strict=True):
+        tokens.append(token_logprob(tokenizer, token, at_start, offset, token_scores))
+        raw = tokenizer.token_bytes(token, at_start)
+        if raw is not None:
+            offset += len(decoder.decode(raw))
+            at_start = False
+    return tokens
+
+
+def keep_logprobs(job: Job, token: int, tokenizer: Tokenizer) -> None:
+    """Adds the token that advance takes to job's tokens, with the scores sample_rows left for it, if any."""
+    if job.scores is None:
+        return
+    (logprob,), (top_ids,), (top_logprobs,) = (scores.tolist() for scores in job.scores)
+    at_start = not job.stream.ids  # the answer's text is decoded on its own: its first leading space is dropped
+    job.tokens.append(
+        token_logprob(tokenizer, token, at_start, job.offset + len(job.text), (logprob, top_ids, top_logprobs))
+    )
+    job.scores = None
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": t.bytes,
+                "top_logprobs": [{"token": text, "logprob": value, "bytes": raw} for text, raw, value in t.top],
+            }
+            for t in tokens
+        ]
+    }
+
+
+def completion_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """The legacy completions shape: lists by token, top_logprobs a {token: logprob} dict each (with the chosen
+    token's, as OpenAI gives it), None for a prompt's first token."""
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [
+            None if t.top is None else {text: value for text, _, value in t.top} | {t.token: t.logprob} for t in tokens
+        ],
+        "text_offset": [t.offset for t in tokens],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,12 +365,25 @@ def get_field(body: dict, name: str, types: tuple[type, ...], expected: str, def
     return value
 
 
-def completion_prompts(body: dict) -> list[str]:
+def completion_prompts(body: dict, vocab_size: int) -> list[str | list[int]]:
+    """The prompts of a completions request: texts, or token ids, taken as they are (no BOS added), as OpenAI
+    and vLLM take them and lm-evaluation-harness sends them."""
     prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise RequestError("'prompt' must be a string or a non-empty list of strings")
+    prompts = [prompt] if isinstance(prompt, str) or is_token_ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or is_token_ids(p) for p in prompts):
+        raise RequestError(
+            "'prompt' must be a string or a non-empty list of strings, or token ids: a non-empty list of integers "
+            "or a list of such lists"
+        )
+    for i, ids in enumerate(prompts):
+        outside = [token for token in ids if not 0 <= token < vocab_size] if isinstance(ids, list) else []
+        if outside:
+            raise RequestError(f"'prompt'[{i}]: token id {outside[0]} is not in the vocabulary [0, {vocab_size})")
     return prompts
+
+
+def is_token_ids(value) -> bool:
+    return bool(value) and isinstance(value, list) and all(type(token) is int for token in value)
 
 
 def chat_prompt(body: dict) -> str:
@@ -242,21 +404,24 @@ def chat_prompt(body: dict) -> str:
     return format_prompt(messages[-1]["content"])
 
 
-def make_jobs(body: dict, prompts: list[str], is_chat: bool, server: "Server") -> list[Job]:
-    """A Job for each prompt, with the request's settings checked; raises RequestError on a bad field."""
+def make_jobs(body: dict, prompts: list[str | list[int]], is_chat: bool, server: "Server") -> list[Job]:
+    """A Job for each prompt (a text, or token ids), with the request's settings checked; raises RequestError on
+    a bad field."""
     for name in ("n", "best_of"):
         if body.get(name) not in (None, 1):
             raise RequestError(f"'{name}' must be 1: one answer per prompt")
-    for name in ("echo", "logprobs", "top_logprobs", "suffix", "tools", "functions"):
+    for name in ("suffix", "tools", "functions", "echo" if is_chat else "top_logprobs"):
         if body.get(name):
-            raise RequestError(f"'{name}' is not supported")
-    max_tokens = get_field(body, "max_tokens", (int,), "an integer >= 1")
+            raise RequestError(f"'{name}' is not supported" + " in chat" * is_chat)
+    logprobs, echo = chat_logprobs_field(body) if is_chat else completion_logprobs_field(body)
+    least = 0 if echo else 1  # 0 new tokens: the prompt's logprobs alone
+    max_tokens = get_field(body, "max_tokens", (int,), f"an integer >= {least}")
     if is_chat:
         max_tokens = get_field(body, "max_completion_tokens", (int,), "an integer >= 1", max_tokens)
     elif max_tokens is None:
         max_tokens = COMPLETION_MAX_TOKENS
-    if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"'max_tokens' must be an integer >= 1, got {max_tokens}")
+    if max_tokens is not None and max_tokens < least:
+        raise RequestError(f"'max_tokens' must be an integer >= {least}, got {max_tokens}")
     temperature = get_field(body, "temperature", (int, float), "a number in [0, 2]", 1.0)
     if not 0 <= temperature <= 2:
         raise RequestError(f"'temperature' must be a number in [0, 2], got {temperature}")
@@ -272,18 +437,38 @@ def make_jobs(body: dict, prompts: list[str], is_chat: bool, server: "Server") -
         raise RequestError("'stop' must be a string or a list of non-empty strings")
 
     tokenizer, max_seq_len = server.tokenizer, server.max_seq_len
-    prompt_ids = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
+    prompt_ids = [prompt if isinstance(prompt, list) else tokenizer.encode(prompt, bos=True) for prompt in prompts]
     try:
         check_prompt_lengths(prompt_ids, max_seq_len)
     except ValueError as e:
         raise RequestError(str(e)) from None
     events = queue.Queue()
     deadline = time.monotonic() + server.request_timeout
+    max_tokens = max_seq_len if max_tokens is None else max_tokens
     return [
-        Job(i, ids, min(max_tokens or max_seq_len, max_seq_len - len(ids)), float(temperature), float(top_p), seed,
-            stop, deadline, events)
-        for i, ids in enumerate(prompt_ids)
+        Job(i, ids, min(max_tokens, max_seq_len - len(ids)), float(temperature), float(top_p), seed, stop, logprobs,
+            (tokenizer.decode(prompt) if isinstance(prompt, list) else prompt) if echo else None, deadline, events)
+        for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids, strict=True))
     ]  # fmt: skip
+
+
+def chat_logprobs_field(body: dict) -> tuple[int | None, bool]:
+    """(most likely tokens to give with each token's logprob, None: no logprobs; echo, which chat has not)."""
+    logprobs = get_field(body, "logprobs", (bool,), "true or false", False)
+    top_logprobs = get_field(body, "top_logprobs", (int,), "an integer in [0, 20]")
+    if top_logprobs is not None and not logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs': true")
+    if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+        raise RequestError(f"'top_logprobs' must be an integer in [0, 20], got {top_logprobs}")
+    return (top_logprobs or 0) if logprobs else None, False
+
+
+def completion_logprobs_field(body: dict) -> tuple[int | None, bool]:
+    """(most likely tokens to give with each token's logprob, None: no logprobs; whether to echo the prompt)."""
+    logprobs = get_field(body, "logprobs", (int,), "an integer in [0, 5]")
+    if logprobs is not None and not 0 <= logprobs <= 5:
+        raise RequestError(f"'logprobs' must be an integer in [0, 5], got {logprobs}")
+    return logprobs, get_field(body, "echo", (bool,), "true or false", False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,8 +478,16 @@ def make_jobs(body: dict, prompts: list[str], is_chat: bool, server: "Server") -
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a request still streaming does not hold up shutdown
 
-    def __init__(self, address: tuple[str, int], model_id: str, tokenizer: Tokenizer, max_seq_len: int, timeout: float):
-        self.model_id, self.tokenizer, self.max_seq_len = model_id, tokenizer, max_seq_len
+    def __init__(
+        self,
+        address: tuple[str, int],
+        model_id: str,
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        vocab_size: int,
+        timeout: float,
+    ):
+        self.model_id, self.tokenizer, self.max_seq_len, self.vocab_size = model_id, tokenizer, max_seq_len, vocab_size
         self.request_timeout = timeout
         self.created = int(time.time())
         self.jobs: queue.Queue[Job | None] = queue.Queue()
@@ -344,7 +537,7 @@ class Handler(BaseHTTPRequestHandler):
         is_chat = route == "/v1/chat/completions"
         try:
             body = self.read_json()
-            prompts = [chat_prompt(body)] if is_chat else completion_prompts(body)
+            prompts = [chat_prompt(body)] if is_chat else completion_prompts(body, self.server.vocab_size)
             jobs = make_jobs(body, prompts, is_chat, self.server)
             stream = get_field(body, "stream", (bool,), "true or false", False)
             stream_options = get_field(body, "stream_options", (dict,), "an object", {})
@@ -416,6 +609,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_answers(self, jobs: list[Job], is_chat: bool) -> None:
         texts = [""] * len(jobs)
+        tokens = [[] for _ in jobs]
         choices = [{} for _ in jobs]
         for kind, index, *payload in self.events(jobs):
             if kind == "error":
@@ -423,13 +617,15 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if kind == "text":
                 texts[index] += payload[0]
+                tokens[index] += payload[1]
             else:
                 (finish_reason,) = payload
                 if is_chat:
                     choices[index] = {"index": index, "message": {"role": "assistant", "content": texts[index]}}
                 else:
                     choices[index] = {"index": index, "text": texts[index]}
-                choices[index] |= {"logprobs": None, "finish_reason": finish_reason}
+                logprobs = logprobs_field(jobs[index], tokens[index], is_chat)
+                choices[index] |= {"logprobs": logprobs, "finish_reason": finish_reason}
         response = self.response_head(is_chat, streamed=False) | {"choices": choices, "usage": usage(jobs)}
         self.send_json(200, response)
 
@@ -448,7 +644,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_event({"error": {"message": payload[0], "type": "server_error"}})
                 return
             if kind == "text":
-                self.send_event(head | {"choices": [chunk_choice(is_chat, index, payload[0])]})
+                text, tokens = payload
+                logprobs = logprobs_field(jobs[index], tokens, is_chat)
+                self.send_event(head | {"choices": [chunk_choice(is_chat, index, text, logprobs=logprobs)]})
             else:
                 self.send_event(head | {"choices": [chunk_choice(is_chat, index, "", finish_reason=payload[0])]})
         if include_usage:
@@ -486,11 +684,25 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(code, {"error": {"message": message or HTTPStatus(code).phrase, "type": error_type}})
 
 
-def chunk_choice(is_chat: bool, index: int, text: str | None, finish_reason: str | None = None, role: bool = False):
+def chunk_choice(
+    is_chat: bool,
+    index: int,
+    text: str | None,
+    finish_reason: str | None = None,
+    role: bool = False,
+    logprobs: dict | None = None,
+) -> dict:
     if not is_chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def logprobs_field(job: Job, tokens: list[TokenLogprob], is_chat: bool) -> dict | None:
+    """A choice's (or chunk's) logprobs: None unless the request asked for them."""
+    if job.logprobs is None:
+        return None
+    return chat_logprobs(tokens) if is_chat else completion_logprobs(tokens)
 
 
 def usage(jobs: list[Job]) -> dict:
@@ -536,7 +748,9 @@ def build_server(args: argparse.Namespace) -> Server:
     model_args, tokenizer = load_tokenizer(args)
     model_id = os.path.basename(os.path.normpath(args.model_path))
     try:  # before the slow load, so that a port in use fails fast
-        server = Server((args.host, args.port), model_id, tokenizer, model_args.max_seq_len, args.timeout)
+        server = Server(
+            (args.host, args.port), model_id, tokenizer, model_args.max_seq_len, model_args.vocab_size, args.timeout
+        )
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
     try:

@@ -192,7 +192,7 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", GOOD | {"stop": [1]}, 400, "'stop' must be a string or a list"),
     ("POST", "/v1/completions", GOOD | {"stream": "yes"}, 400, "'stream' must be true or false"),
     ("POST", "/v1/completions", GOOD | {"n": 2}, 400, "'n' must be 1"),
-    ("POST", "/v1/completions", GOOD | {"logprobs": 3}, 400, "'logprobs' is not supported"),
+    ("POST", "/v1/completions", GOOD | {"suffix": "!"}, 400, "'suffix' is not supported"),
     ("POST", "/v1/completions", {"prompt": "word " * MAX_SEQ_LEN}, 400, "the model's context is 128 tokens"),
     ("POST", "/v1/chat/completions", {"messages": []}, 400, "'messages' must be a non-empty list"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "'messages'[0]: 'content' must be"),
