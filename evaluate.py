@@ -501,7 +501,13 @@ def run(args: argparse.Namespace) -> None:
     os.makedirs(config_dir, exist_ok=True)
     write_json(os.path.join(config_dir, "annotations.json"), annotations)
     generator = model_outputs[0]["generator"] if len({m["generator"] for m in model_outputs}) == 1 else "Current model"
-    row = win_rate([a["preference"] for a in annotations if a["preference"] is not None])
+    preferences = [a["preference"] for a in annotations if a["preference"] is not None]
+    if not preferences:
+        raise ValueError(
+            f"no judge answer named an output (m or M) among its top logprobs: is {args.judge_model or JUDGE_MODEL} "
+            f"at {args.api_base} a model that follows AlpacaEval's judge prompt? ({config_dir}/annotations.json)"
+        )
+    row = win_rate(preferences)
     row |= {"mode": "community", "avg_length": int(statistics.fmean(len(m["output"]) for m in model_outputs))}
     print_leaderboard(write_leaderboard(os.path.join(config_dir, "leaderboard.csv"), generator, row))
 
