@@ -476,15 +476,16 @@ def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_mo
     steps = []
     counting_step = lambda *args: steps.append(1) or (decode_step or model)(*args)
     for prompt in prompts:
-        (choice,) = complete_locally(model, tokenizer, decode_step, [prompt], 0.0, 1.0, None, stop=[])
+        (choice,), usage = complete_locally(model, tokenizer, decode_step, [prompt], 0.0, 1.0, None, stop=[])
         prompt_ids = tokenizer.encode(prompt, bos=True)
         (answer,) = generate_ids(model, [prompt_ids], 3072, tokenizer.eos_id)  # greedy, alone
+        assert usage == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(answer)}
         assert choice["text"] == tokenizer.decode(answer)
         assert choice["finish_reason"] == ("length" if len(prompt_ids) + len(answer) == 64 else "stop")
         text = choice["text"]
         assert len(text) > 6
         stop = text[len(text) // 2 : len(text) // 2 + 2]
         steps.clear()
-        (cut,) = complete_locally(model, tokenizer, counting_step, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
+        (cut,), _ = complete_locally(model, tokenizer, counting_step, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
         assert cut == {"text": text[: text.find(stop)], "finish_reason": "stop"}
         assert len(steps) < len(answer) - 1  # the answer stopped there, not only its text
