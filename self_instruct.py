@@ -19,6 +19,7 @@ gives what the uninterrupted run would have.
 import argparse
 import email.utils
 import json
+import math
 import os
 import random
 import re
@@ -415,7 +416,8 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     except ValueError:
         pass
     try:
@@ -721,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
         run(parse_args(argv))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # regen.json holds every request answered so far
+    except KeyboardInterrupt:  # regen.json holds every request taken so far
         sys.exit(130)
 
 
