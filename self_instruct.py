@@ -17,9 +17,7 @@ gives what the uninterrupted run would have.
 """
 
 import argparse
-import email.utils
 import json
-import math
 import os
 import random
 import re
@@ -27,8 +25,6 @@ import string
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +37,7 @@ from checkpoint import write_json
 from cli import ArgumentParser
 from data import decode_text, json_lines
 from generate import add_model_flags, generate_ids, load_for_decoding, load_tokenizer
+from http_client import error_message, is_worth_retrying, post_json, retry_pause
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -391,48 +388,6 @@ class Endpoint:
     throttle: Throttle
 
 
-def post_json(url: str, body: dict, api_key: str | None) -> tuple[int | None, bytes, str | None]:
-    """(HTTP status, response body, Retry-After header) of one POST; status None when the endpoint did not answer
-    in time or dropped the connection, which is worth another try."""
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            return response.status, response.read(), None
-    except urllib.error.HTTPError as e:
-        return e.code, e.read(), e.headers.get("Retry-After")
-    except (TimeoutError, ConnectionResetError) as e:  # a slow or restarting server
-        return None, str(e).encode(), None
-    except urllib.error.URLError as e:
-        if not isinstance(e.reason, TimeoutError):
-            raise ValueError(f"{url}: cannot reach the endpoint ({e.reason})") from None
-        return None, b"timed out", None
-
-
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """The pause a Retry-After header asks for: seconds, or an HTTP date (now is time.time())."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError):
-        return None  # unreadable: the usual growing pause
-
-
-def error_message(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace")[:200]
-
-
 def complete_over_http(endpoint: Endpoint, prompts: list[str], turn: tuple[int, int]) -> Answer:
     """The answer to one request for the prompts (one prompt for chat), sent when the throttle gives it its turn.
     Rate limits, server errors and timeouts are retried with growing pauses, or the pause a Retry-After asks
@@ -451,7 +406,7 @@ def complete_over_http(endpoint: Endpoint, prompts: list[str], turn: tuple[int, 
     tries = 0
     while True:
         with endpoint.throttle.turn(turn) as cuts:
-            status, raw, retry_after = post_json(url, body, endpoint.api_key)
+            status, raw, retry_after = post_json(url, body, endpoint.api_key, REQUEST_TIMEOUT)
         if status == 200:
             endpoint.throttle.succeeded()
             return read_answer(url, raw, is_chat)
@@ -461,13 +416,12 @@ def complete_over_http(endpoint: Endpoint, prompts: list[str], turn: tuple[int, 
             if body["max_tokens"] < 1:
                 raise ValueError(f"{url}: the prompt alone fills the model's context ({message})")
             continue
-        if status is not None and status != 429 and status < 500:
+        if not is_worth_retrying(status):
             raise ValueError(f"{url}: HTTP {status}: {message}")
         tries += 1
         if tries == MAX_TRIES:
             raise ValueError(f"{url}: gave up after {tries} tries (last: {status or 'no answer'}: {message})")
-        pause = retry_after_seconds(retry_after, time.time())
-        pause = min(60.0, RETRY_DELAY * 2 ** (tries - 1)) if pause is None else pause
+        pause = retry_pause(tries, retry_after, time.time(), RETRY_DELAY)
         if status == 429:  # the endpoint asks all of us to slow down
             endpoint.throttle.rate_limited(cuts, pause)
         else:

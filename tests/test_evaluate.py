@@ -236,7 +236,7 @@ def test_judge_errors_end_in_one_line(outputs, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(SystemExit, match="needs OPENAI_API_KEY"):
         evaluate.main(["--model_outputs", model, "--output_path", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"cannot reach the judge"):
+    with pytest.raises(SystemExit, match=r"cannot reach the endpoint"):
         evaluate.main(["--model_outputs", model, "--reference_outputs", reference, "--output_path", str(tmp_path),
                        "--api_base", "http://127.0.0.1:9/v1"])  # fmt: skip
 
