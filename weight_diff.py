@@ -163,8 +163,8 @@ def make_diff(
     def diffs() -> Iterator[tuple[str, Tensor]]:
         for name, raw in tqdm(raw_tensors(path_raw, tuned_args), total=len(files), desc="make_diff", unit="tensor"):
             raw = raw.to(device)
-            diff = read_tensor(files[name], name).to(device, torch.float32) - raw
-            checksums[hf_key(name)] = sha256(raw + diff)  # what recover computes, bit for bit
+            diff = read_tensor(files[name], name).to(device, torch.float32).sub_(raw)  # in place: 2 tensors at a time
+            checksums[hf_key(name)] = sha256(raw.add_(diff))  # what recover computes, bit for bit
             yield name, diff
 
     with written_aside(path_diff) as out:
@@ -209,7 +209,7 @@ def recover(
 
     def recovered() -> Iterator[tuple[str, Tensor]]:
         for name, raw in tqdm(raw_tensors(path_raw, diff_args), total=len(files), desc="recover", unit="tensor"):
-            tensor = raw.to(device) + read_tensor(files[name], name).to(device, torch.float32)
+            tensor = raw.to(device).add_(read_tensor(files[name], name).to(device, torch.float32))
             if checksums is not None and sha256(tensor) != checksums.get(hf_key(name)):
                 raise ValueError(
                     f"{hf_key(name)} recovered does not match its SHA-256 in {path_diff}/{CHECKSUMS}: --path_raw "
