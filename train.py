@@ -105,7 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--adam_epsilon", type=float, default=1e-8)
     g("--max_grad_norm", type=float, default=1.0)
     g("--warmup_ratio", type=float, default=0.03)
-    g("--lr_scheduler_type", default="cosine", choices=["cosine"])
     g("--seed", type=int, default=42)
     flag("--bf16", default=True, help="bf16 compute, fp32 master weights and gradient reduction")
     flag("--tf32", default=True, help="TF32 for the fp32 matmuls that remain (CUDA)")
@@ -135,12 +134,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--dry_run_records", type=int, help="plan for this many records with the data's length distribution")
     g("--dry_run_gpu_memory_gb", type=float, default=80)
     g("--dry_run_mfu", type=float, default=0.45, help="MFU assumed for the time estimate")
-    # Trainer flags of the original launch line, accepted where they change nothing here.
+    # Trainer flags of the original launch line. --fsdp picks the sharding strategy; the others are checked to ask for
+    # what this loop does (each decoder layer wrapped; no DeepSpeed).
     g("--fsdp", default="full_shard auto_wrap")
     g("--fsdp_transformer_layer_cls_to_wrap", default="LlamaDecoderLayer")
-    g("--evaluation_strategy", "--eval_strategy", default="no")
-    g("--per_device_eval_batch_size", type=int, default=4)
     g("--deepspeed", help="not supported: use --cpu_offload")
+    # Accepted for the original launch line and never read: the schedule is always warmup + cosine, and nothing is
+    # evaluated during training.
+    g("--lr_scheduler_type", default="cosine", choices=["cosine"])
+    g("--evaluation_strategy", "--eval_strategy", default="no", choices=["no"])
+    g("--per_device_eval_batch_size", type=int, default=4)
     args = p.parse_args(argv)
     if args.model_name_or_path is None:
         p.set_defaults(**SAMPLE_DEFAULTS)
@@ -183,8 +186,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--report_to {package}: the {package} package is not installed (pip install {package})"
             ) from None
-    if args.evaluation_strategy != "no":
-        raise ValueError(f"--evaluation_strategy {args.evaluation_strategy!r}: only 'no' is supported")
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps"]
     positive += ["save_steps"]
     for name in positive:

@@ -185,7 +185,7 @@ def test_original_launch_line_runs(tiny_model, small_data, tmp_path):
         (["--fsdp", "hybrid_shard"], "--fsdp 'hybrid_shard'"),
         (["--dry_run", "--dry_run_nodes", "2"], "--dry_run_nodes 2: needs --dry_run_gpus"),
         (["--dry_run", "--dry_run_gpus", "3", "--dry_run_nodes", "2"], "--dry_run_nodes 2: needs --dry_run_gpus"),
-        (["--evaluation_strategy", "steps"], "only 'no'"),
+        (["--evaluation_strategy", "steps"], "invalid choice: 'steps' (choose from 'no')"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
     ],
 )
