@@ -248,11 +248,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = p.add_subparsers(dest="task", required=True, metavar="{make_diff,recover}")
     make = tasks.add_parser("make_diff", help="write the diff of a fine-tuned model against its base")
-    make.add_argument("--path_raw", required=True, help="the base model: Hugging Face or Meta LLaMA directory")
+    make.add_argument("--path_raw", required=True, help="the base model: Hugging Face LLaMA directory")
     make.add_argument("--path_tuned", required=True, help="the fine-tuned model: Hugging Face directory")
     make.add_argument("--path_diff", required=True, help="the diff to write (a new directory)")
     rec = tasks.add_parser("recover", help="recover the fine-tuned model from the diff and its base")
-    rec.add_argument("--path_raw", required=True, help="the base model: Hugging Face or Meta LLaMA directory")
+    rec.add_argument("--path_raw", required=True, help="the base model: Hugging Face LLaMA directory")
     rec.add_argument("--path_diff", required=True, help="the diff (ours, or one made by stanford_alpaca's)")
     rec.add_argument("--path_tuned", required=True, help="the recovered model to write (a new directory)")
     rec.add_argument(
