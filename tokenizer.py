@@ -4,8 +4,6 @@ import os
 
 from sentencepiece import SentencePieceProcessor
 
-PAD_PIECE = "[PAD]"
-
 
 class Tokenizer:
     """Wraps a SentencePiece model. Ids 0..n_words-1 are SentencePiece's own; `[PAD]` is appended as
