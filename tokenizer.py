@@ -4,6 +4,8 @@ import os
 
 from sentencepiece import SentencePieceProcessor
 
+PAD_PIECE = "[PAD]"  # how the added pad token reads where a token is shown as text (serve.py's logprobs)
+
 
 class Tokenizer:
     """Wraps a SentencePiece model. Ids 0..n_words-1 are SentencePiece's own; `[PAD]` is appended as
