@@ -23,14 +23,15 @@ import urllib.request
 from collections.abc import Callable
 
 import numpy as np
-from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import write_json
 from cli import ArgumentParser
 from data import decode_text, json_lines
-from generate import add_model_flags, generate_ids, load_for_decoding, load_tokenizer
+from engine import generate_ids
+from loading import add_model_flags, load_for_decoding, load_tokenizer
 from model import Transformer
+from optimize import CompiledSteps
 from tokenizer import Tokenizer
 
 Complete = Callable[[list[str], int], list[dict]]  # (prompts, sampling seed) -> choices {text, finish_reason}
@@ -320,7 +321,7 @@ def read_choices(url: str, raw: bytes) -> list[dict]:
 
 
 def complete_locally(
-    model: Transformer, tokenizer: Tokenizer, decode_step: Callable[..., Tensor] | None, prompts: list[str],
+    model: Transformer, tokenizer: Tokenizer, compiled: CompiledSteps | None, prompts: list[str],
     temperature: float, top_p: float, seed: int | None, stop: list[str],
 ) -> list[dict]:  # fmt: skip
     """The completions ({text, finish_reason}) of our checkpoint, as an endpoint would give them: each text
@@ -335,19 +336,15 @@ def complete_locally(
                 "(max_position_embeddings): use a model with a longer context, or fewer --num_prompt_instructions"
             )
     so_far: list[list[int]] = [[] for _ in prompts]
-    stopped = [False] * len(prompts)
 
-    def watch_for_stops(tokens: list[int]) -> list[bool]:
-        for i, token in enumerate(tokens):
-            if not stopped[i]:
-                so_far[i].append(token)
-                # Only the last tokens can hold a stop string just completed: decoding all would be quadratic.
-                stopped[i] = any(s in tokenizer.decode(so_far[i][-STOP_WINDOW:]) for s in stop)
-        return stopped
+    def watch_for_stops(i: int, token: int) -> bool:
+        so_far[i].append(token)
+        # Only the last tokens can hold a stop string just completed: decoding all would be quadratic.
+        return any(s in tokenizer.decode(so_far[i][-STOP_WINDOW:]) for s in stop)
 
     answers = generate_ids(
         model, prompt_ids, MAX_TOKENS, tokenizer.eos_id, temperature, top_p, seed=seed,
-        on_token=watch_for_stops, decode_step=decode_step,
+        on_token=watch_for_stops, compiled=compiled,
     )  # fmt: skip
     choices = []
     for ids, answer in zip(prompt_ids, answers, strict=True):
@@ -443,9 +440,9 @@ def make_backend(args: argparse.Namespace) -> Complete:
         )
     # The way generate.py loads a checkpoint, with its defaults for the device and the dtype.
     _, tokenizer = load_tokenizer(args)
-    model, decode_step = load_for_decoding(args)
+    model, compiled = load_for_decoding(args)
     return lambda prompts, seed: complete_locally(
-        model, tokenizer, decode_step, prompts, args.temperature, args.top_p, seed, STOP
+        model, tokenizer, compiled, prompts, args.temperature, args.top_p, seed, STOP
     )
 
 

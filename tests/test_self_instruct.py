@@ -22,7 +22,8 @@ from conftest import ROOT, SHARED_DATA
 from rouge_score import rouge_scorer
 
 import self_instruct
-from generate import generate_ids, load_for_decoding, load_tokenizer
+from engine import generate_ids
+from loading import load_for_decoding, load_tokenizer
 from self_instruct import InstructionPool, complete_locally, deduplicate, main, rouge_l
 
 SEED_TASKS = str(SHARED_DATA / "seed_tasks.jsonl")
@@ -471,12 +472,12 @@ def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_mo
         model_path=path, base_model=None, tokenizer=None, device=None, dtype=None, quantize=None, compile=False
     )
     _, tokenizer = load_tokenizer(model_args)
-    model, decode_step = load_for_decoding(model_args)
+    model, compiled = load_for_decoding(model_args)
     prompts = ["###\n1. Instruction: What is the largest of 3, 5?", "Count the numbers in 1, 8, 8."]
     steps = []
-    counting_step = lambda *args: steps.append(1) or (decode_step or model)(*args)
+    model.register_forward_hook(lambda module, args, logits: steps.append(1))
     for prompt in prompts:
-        (choice,) = complete_locally(model, tokenizer, decode_step, [prompt], 0.0, 1.0, None, stop=[])
+        (choice,) = complete_locally(model, tokenizer, compiled, [prompt], 0.0, 1.0, None, stop=[])
         prompt_ids = tokenizer.encode(prompt, bos=True)
         (answer,) = generate_ids(model, [prompt_ids], 3072, tokenizer.eos_id)  # greedy, alone
         assert choice["text"] == tokenizer.decode(answer)
@@ -485,6 +486,6 @@ def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_mo
         assert len(text) > 6
         stop = text[len(text) // 2 : len(text) // 2 + 2]
         steps.clear()
-        (cut,) = complete_locally(model, tokenizer, counting_step, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
+        (cut,) = complete_locally(model, tokenizer, compiled, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
         assert cut == {"text": text[: text.find(stop)], "finish_reason": "stop"}
         assert len(steps) < len(answer) - 1  # the answer stopped there, not only its text
