@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from model import Transformer
+from model import Transformer, attention_dtype
 from tokenizer import Tokenizer
 
 FIRST_CHUNK = 64  # prompt tokens beside decoding rows until the engine has timed a step and a prefill
@@ -39,6 +39,9 @@ class QueueFull(Exception):
 
 class CompiledSteps(Protocol):
     """Compiled decoding steps by batch size (optimize.compile_decoding)."""
+
+    def prepare(self, rows: int, slots: int) -> None:
+        """The engine's KV cache has this shape: the steps to come are for it."""
 
     def get(self, batch_size: int) -> tuple[int, Callable[..., Tensor]] | None:
         """(the step's batch size, >= batch_size; the step), or None to decode uncompiled."""
@@ -122,7 +125,17 @@ class Engine:
         self.model, self.eos_id, self.max_batch_size, self.max_queue = model, eos_id, max_batch_size, max_queue
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         self.scratch_slot = self.max_len  # where padding tokens write: no real token ever reads it
-        model.setup_cache(max_batch_size, self.max_len + 1)
+        try:
+            model.setup_cache(max_batch_size, self.max_len + 1)
+        except (RuntimeError, MemoryError) as e:  # out of memory: CUDA's is a RuntimeError, the CPU's too
+            a, element = model.args, attention_dtype(model.embed_tokens.weight).itemsize
+            size = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (self.max_len + 1) * element * max_batch_size
+            raise ValueError(
+                f"the KV cache ({max_batch_size} rows of {self.max_len + 1} positions, {size / 2**30:.1f} GiB) "
+                f"does not fit ({type(e).__name__}): fewer rows (max_batch_size) or a smaller dtype"
+            ) from None
+        if compiled is not None:
+            compiled.prepare(max_batch_size, self.max_len + 1)
         self.device = model.embed_tokens.weight.device
         self.compiled, self.prefill_chunk = compiled, prefill_chunk
         self.lock = threading.Condition()  # guards waiting and taken_rows, which submit() reads from other threads
@@ -192,13 +205,13 @@ class Engine:
             self.decode()
 
     def admit(self) -> None:
-        cancelled = []
+        """Waiting requests take the free rows, first come first served; cancelled ones leave the queue."""
         with self.lock:
+            cancelled = [request for request in self.waiting if request.cancelled.is_set()]
+            if cancelled:
+                self.waiting = deque(request for request in self.waiting if not request.cancelled.is_set())
             while self.waiting and self.free_rows:
                 request = self.waiting.popleft()
-                if request.cancelled.is_set():
-                    cancelled.append(request)
-                    continue
                 request.row = min(self.free_rows)
                 self.free_rows.remove(request.row)
                 self.taken_rows += 1

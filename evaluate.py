@@ -25,8 +25,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from checkpoint import write_json
 from cli import ArgumentParser
 from data import format_prompt
 from engine import check_prompt_lengths, generate
+from http_client import error_message, is_worth_retrying, post_json, retry_pause
 from loading import add_model_flags, load_for_decoding, load_tokenizer
 
 EVAL_DIR = Path(__file__).with_name("eval")
@@ -184,45 +183,22 @@ def read_preference(choice: dict, is_binarize: bool) -> float | None:
 # Asking the judge: an OpenAI-compatible endpoint, requests in flight, a cache of every judgement
 
 
-def post_json(url: str, body: dict, api_key: str | None) -> dict:
+def post_json_retrying(url: str, body: dict, api_key: str | None) -> dict:
     """The JSON answer to one POST. Rate limits (honouring Retry-After), server errors and timeouts are retried
     with growing pauses; another HTTP error is a ValueError naming it."""
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    data = json.dumps(body).encode()
     for tries in range(1, MAX_TRIES + 1):
-        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-        retry_after = None
-        try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            status, message = e.code, error_message(e.read())
-            if status != 429 and status < 500:
-                raise ValueError(f"{url}: HTTP {status}: {message}") from None
-            retry_after = e.headers.get("Retry-After")
-        except (TimeoutError, ConnectionError) as e:
-            status, message = None, str(e) or type(e).__name__
-        except urllib.error.URLError as e:
-            if not isinstance(e.reason, TimeoutError):
-                raise ValueError(f"{url}: cannot reach the judge ({e.reason})") from None
-            status, message = None, "timed out"
-        except json.JSONDecodeError:
-            raise ValueError(f"{url}: the answer is not JSON") from None
-        pause = min(60.0, RETRY_DELAY * 2 ** (tries - 1))
-        if retry_after is not None and retry_after.replace(".", "", 1).isdigit():
-            pause = float(retry_after)
+        status, raw, retry_after = post_json(url, body, api_key, REQUEST_TIMEOUT)
+        if status == 200:
+            try:
+                return json.loads(raw)
+            except ValueError:
+                raise ValueError(f"{url}: the answer is not JSON: {raw[:100]!r}") from None
+        message = error_message(raw)
+        if not is_worth_retrying(status):
+            raise ValueError(f"{url}: HTTP {status}: {message}")
         if tries < MAX_TRIES:
-            time.sleep(pause)
+            time.sleep(retry_pause(tries, retry_after, time.time(), RETRY_DELAY))
     raise ValueError(f"{url}: gave up after {MAX_TRIES} tries (last: {status or 'no answer'}: {message})")
-
-
-def error_message(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace")[:200]
 
 
 class JudgeCache:
@@ -276,7 +252,7 @@ def judge_pairs(pairs: list[dict], annotator: str, judge_model: str, args: argpa
         if is_swapped(pair["instruction"]):
             first, second = second, first
         body = {"model": judge_model, "messages": judge_messages(template, pair["instruction"], first, second)}
-        response = post_json(url, body | JUDGE_SETTINGS, api_key)
+        response = post_json_retrying(url, body | JUDGE_SETTINGS, api_key)
         choices = response.get("choices") if isinstance(response, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise ValueError(f"{url}: expected 'choices' in the answer, got {json.dumps(response)[:200]}")
@@ -502,7 +478,13 @@ def run(args: argparse.Namespace) -> None:
     os.makedirs(config_dir, exist_ok=True)
     write_json(os.path.join(config_dir, "annotations.json"), annotations)
     generator = model_outputs[0]["generator"] if len({m["generator"] for m in model_outputs}) == 1 else "Current model"
-    row = win_rate([a["preference"] for a in annotations if a["preference"] is not None])
+    preferences = [a["preference"] for a in annotations if a["preference"] is not None]
+    if not preferences:
+        raise ValueError(
+            f"no judge answer named an output (m or M) among its top logprobs: is {args.judge_model or JUDGE_MODEL} "
+            f"at {args.api_base} a model that follows AlpacaEval's judge prompt? ({config_dir}/annotations.json)"
+        )
+    row = win_rate(preferences)
     row |= {"mode": "community", "avg_length": int(statistics.fmean(len(m["output"]) for m in model_outputs))}
     print_leaderboard(write_leaderboard(os.path.join(config_dir, "leaderboard.csv"), generator, row))
 

@@ -3,11 +3,17 @@ with 3 random seed tasks and ask for 20 more, parse the answers, filter them, dr
 and repeat until enough instructions are kept.
 
     python self_instruct.py --api_base http://127.0.0.1:8000/v1 --model_name MODEL --output_dir gen \
-        --seed_tasks_path seed_tasks.jsonl --num_instructions_to_generate 100
+        --seed_tasks_path seed_tasks.jsonl --num_instructions_to_generate 100 --max_concurrency 8
+    python self_instruct.py --api_base https://api.openai.com/v1 --api_type chat --model_name gpt-4o-mini ...
     python self_instruct.py --model_path out --output_dir gen --seed_tasks_path seed_tasks.jsonl
 
-writes gen/regen.json (the original's records, rewritten after every request and read back on a restart) and,
-at the end, gen/alpaca_data.json (instruction, input, output), which `train.py --data_path` reads as it is.
+writes gen/regen.json (the original's records, rewritten after every request and read back on a restart),
+gen/regen_progress.json (the requests taken so far, the items parsed and the tokens used) and, at the end,
+gen/alpaca_data.json (instruction, input, output), which `train.py --data_path` reads as it is.
+
+With --max_concurrency N, up to N calls are in flight. Request n's prompts depend only on --seed and n, and the
+answers are taken in request order, so the output is the same for every N, and a run resumed after a kill
+gives what the uninterrupted run would have.
 """
 
 import argparse
@@ -17,10 +23,11 @@ import random
 import re
 import string
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -29,12 +36,14 @@ from checkpoint import write_json
 from cli import ArgumentParser
 from data import decode_text, json_lines
 from engine import generate_ids
+from http_client import error_message, is_worth_retrying, post_json, retry_pause
 from loading import add_model_flags, load_for_decoding, load_tokenizer
 from model import Transformer
 from optimize import CompiledSteps
 from tokenizer import Tokenizer
 
-Complete = Callable[[list[str], int], list[dict]]  # (prompts, sampling seed) -> choices {text, finish_reason}
+Answer = tuple[list[dict], dict]  # choices {text, finish_reason}, usage {prompt_tokens, completion_tokens}
+Complete = Callable[[list[str], int, tuple[int, int]], Answer]  # (prompts, sampling seed, turn) -> answer
 
 PROMPT_HEADER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "self_instruct_prompt.txt")
 MAX_TOKENS = 3072  # the original asks for the most it can get; an endpoint that refuses gets 0.8x as much
@@ -48,6 +57,8 @@ BLOCKED_WORDS = [
 REQUEST_TIMEOUT = 600.0  # seconds to wait for one response: 5 prompts x 3072 tokens can take minutes
 RETRY_DELAY = 2.0  # seconds before the first retry (the original's), doubling up to 60
 MAX_TRIES = 8
+TOKEN_COUNTS = ("prompt_tokens", "completion_tokens")
+PROGRESS_COUNTS = ("requests", "generated", *TOKEN_COUNTS)
 ALL_ONES = ~np.uint64(0)
 
 
@@ -246,95 +257,216 @@ def deduplicate(items: list[dict], pool: InstructionPool, max_pairs: int = 1 << 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Requests in flight: taken in request order, sent at most N at a time, fewer after a 429
+
+
+def answers_in_order(
+    calls: Callable[[int], list[tuple[list[str], int]]], complete: Complete, first: int, end: int | None, window: int
+) -> Iterator[tuple[int, list[Answer]]]:
+    """(number, answers) of requests first, first + 1, ... up to end (None: on and on), in that order; a request
+    is its calls, (prompts, sampling seed) each, and has an answer for each. Up to `window` requests are in flight
+    or answered ahead of the one the output waits for, each call on a thread of its own; with a window of 1,
+    each call is made in this thread, one after another, as the original did."""
+    number = first
+    if window == 1:
+        while end is None or number < end:
+            yield number, [complete(prompts, seed, (number, i)) for i, (prompts, seed) in enumerate(calls(number))]
+            number += 1
+        return
+
+    answered: dict[tuple[int, int], Answer | Exception] = {}
+    n_calls: dict[int, int] = {}
+    ready = threading.Condition()
+
+    def call(number: int, i: int, prompts: list[str], seed: int) -> None:
+        try:
+            answer = complete(prompts, seed, (number, i))
+        except Exception as e:  # raised in order, when the output gets to its request
+            answer = e
+        with ready:
+            answered[number, i] = answer
+            ready.notify()
+
+    started = first
+    while end is None or number < end:
+        while started < number + window and (end is None or started < end):
+            request = calls(started)
+            n_calls[started] = len(request)
+            for i, (prompts, seed) in enumerate(request):
+                threading.Thread(target=call, args=(started, i, prompts, seed), daemon=True).start()
+            started += 1
+        keys = [(number, i) for i in range(n_calls.pop(number))]
+        with ready:
+            while not all(key in answered for key in keys):
+                ready.wait()
+        answers = [answered.pop(key) for key in keys]
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        yield number, answers
+        number += 1
+
+
+class Cancelled(Exception):
+    """The run is over: a request still waiting for its turn is not sent."""
+
+
+class Throttle:
+    """Lets HTTP requests go, at most `limit` in flight, lowest turn first: the request the output waits for goes
+    before those after it. AIMD, as TCP does: a 429 halves the limit, once for all the requests sent before that
+    cut (a burst of 429s is one signal), and holds every request back for the pause the endpoint asked for; each
+    `limit` answers in a row then add one back, up to `most`."""
+
+    def __init__(self, most: int):
+        self.most = self.limit = most
+        self.in_flight = self.answered = self.cuts = 0
+        self.paused_until = 0.0  # time.monotonic()
+        self.waiting: set[tuple[int, int]] = set()
+        self.closed = False
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def turn(self, key: tuple[int, int]) -> Iterator[int]:
+        """Waits for key's turn, then holds a place in flight; gives the number of cuts so far, for rate_limited."""
+        with self.changed:
+            self.waiting.add(key)
+            try:
+                while not self.closed and not self.may_send(key):
+                    self.changed.wait(max(0.0, self.paused_until - time.monotonic()) or None)
+            finally:
+                self.waiting.remove(key)
+                self.changed.notify_all()
+            if self.closed:
+                raise Cancelled
+            self.in_flight += 1
+            cuts = self.cuts
+        try:
+            yield cuts
+        finally:
+            with self.changed:
+                self.in_flight -= 1
+                self.changed.notify_all()
+
+    def may_send(self, key: tuple[int, int]) -> bool:
+        return self.in_flight < self.limit and key == min(self.waiting) and time.monotonic() >= self.paused_until
+
+    def rate_limited(self, cuts_when_sent: int, pause: float) -> None:
+        with self.changed:
+            if cuts_when_sent == self.cuts:
+                self.limit = max(1, self.limit // 2)
+                self.cuts += 1
+                self.answered = 0
+            self.paused_until = max(self.paused_until, time.monotonic() + pause)
+
+    def succeeded(self) -> None:
+        with self.changed:
+            self.answered += 1
+            if self.answered >= self.limit and self.limit < self.most:
+                self.limit += 1
+                self.answered = 0
+                self.changed.notify_all()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Backends: an OpenAI-compatible endpoint, or our own checkpoint
 
 
-def post_json(url: str, body: dict, api_key: str | None) -> tuple[int, bytes]:
-    """(HTTP status, response body) of one POST."""
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+@dataclass
+class Endpoint:
+    """An OpenAI-compatible endpoint, and the settings every request to it carries."""
+
+    api_base: str
+    api_type: str  # "completions": the prompts of a request in one call; "chat": each as one user message
+    model_name: str
+    temperature: float
+    top_p: float
+    api_key: str | None
+    throttle: Throttle
 
 
-def error_message(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace")[:200]
-
-
-def complete_over_http(
-    api_base: str, model_name: str, prompts: list[str], temperature: float, top_p: float, api_key: str | None
-) -> list[dict]:
-    """The choices ({text, finish_reason}) of one /completions request for all the prompts. Rate limits,
-    server errors and timeouts are retried with growing pauses; a context-length refusal is retried asking
-    for 0.8x the tokens, as the original did."""
-    url = api_base.rstrip("/") + "/completions"
+def complete_over_http(endpoint: Endpoint, prompts: list[str], turn: tuple[int, int]) -> Answer:
+    """The answer to one request for the prompts (one prompt for chat), sent when the throttle gives it its turn.
+    Rate limits, server errors and timeouts are retried with growing pauses, or the pause a Retry-After asks
+    for; a context-length refusal is retried asking for 0.8x the tokens, as the original did."""
+    is_chat = endpoint.api_type == "chat"
+    url = endpoint.api_base.rstrip("/") + ("/chat/completions" if is_chat else "/completions")
     body = {
-        "model": model_name, "prompt": prompts, "max_tokens": MAX_TOKENS,
-        "temperature": temperature, "top_p": top_p, "n": 1, "stop": STOP,
+        "model": endpoint.model_name, "max_tokens": MAX_TOKENS, "temperature": endpoint.temperature,
+        "top_p": endpoint.top_p, "n": 1, "stop": STOP,
     }  # fmt: skip
+    if is_chat:
+        (prompt,) = prompts
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompts
     tries = 0
     while True:
-        try:
-            status, raw = post_json(url, body, api_key)
-        except (TimeoutError, ConnectionResetError) as e:  # a slow or restarting server: worth another try
-            status, raw = None, str(e).encode()
-        except urllib.error.URLError as e:
-            if not isinstance(e.reason, TimeoutError):
-                raise ValueError(f"{url}: cannot reach the endpoint ({e.reason})") from None
-            status, raw = None, b"timed out"
+        with endpoint.throttle.turn(turn) as cuts:
+            status, raw, retry_after = post_json(url, body, endpoint.api_key, REQUEST_TIMEOUT)
         if status == 200:
-            return read_choices(url, raw)
+            endpoint.throttle.succeeded()
+            return read_answer(url, raw, is_chat)
         message = error_message(raw)
         if status == 400 and ("maximum context length" in message or "Please reduce your prompt" in message):
             body["max_tokens"] = int(body["max_tokens"] * 0.8)
             if body["max_tokens"] < 1:
                 raise ValueError(f"{url}: the prompt alone fills the model's context ({message})")
             continue
-        if status is not None and status != 429 and status < 500:
+        if not is_worth_retrying(status):
             raise ValueError(f"{url}: HTTP {status}: {message}")
         tries += 1
         if tries == MAX_TRIES:
             raise ValueError(f"{url}: gave up after {tries} tries (last: {status or 'no answer'}: {message})")
-        time.sleep(min(60.0, RETRY_DELAY * 2 ** (tries - 1)))
+        pause = retry_pause(tries, retry_after, time.time(), RETRY_DELAY)
+        if status == 429:  # the endpoint asks all of us to slow down
+            endpoint.throttle.rate_limited(cuts, pause)
+        else:
+            time.sleep(pause)
 
 
-def read_choices(url: str, raw: bytes) -> list[dict]:
+def read_answer(url: str, raw: bytes, is_chat: bool) -> Answer:
+    """The choices ({text, finish_reason}) and token usage of a response; usage the endpoint leaves out counts 0."""
     try:
         response = json.loads(raw)
     except ValueError:
         raise ValueError(f"{url}: the response is not JSON: {raw[:100]!r}") from None
     choices = response.get("choices") if isinstance(response, dict) else None
-    if not isinstance(choices, list) or not all(
-        isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("finish_reason"), str | None)
-        for c in choices
-    ):
-        raise ValueError(f"{url}: expected 'choices', a list of objects with 'text' and 'finish_reason'")
-    return choices
+    texts = [choice_text(choice, is_chat) for choice in choices] if isinstance(choices, list) else [None]
+    if None in texts or not all(isinstance(choice.get("finish_reason"), str | None) for choice in choices):
+        fields = "'message' with a 'content'" if is_chat else "'text'"
+        raise ValueError(f"{url}: expected 'choices', a list of objects with {fields} and 'finish_reason'")
+    usage = response.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    tokens = {key: usage[key] if type(usage.get(key)) is int else 0 for key in TOKEN_COUNTS}
+    return [{"text": text, "finish_reason": c["finish_reason"]} for text, c in zip(texts, choices, strict=True)], tokens
+
+
+def choice_text(choice: object, is_chat: bool) -> str | None:
+    """The text of a completions choice, or of a chat choice's message (a null content is no text); None if the
+    choice has neither."""
+    if not isinstance(choice, dict):
+        return None
+    if not is_chat:
+        return choice["text"] if isinstance(choice.get("text"), str) else None
+    message = choice.get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str | None):
+        return None
+    return message.get("content") or ""
 
 
 def complete_locally(
     model: Transformer, tokenizer: Tokenizer, compiled: CompiledSteps | None, prompts: list[str],
     temperature: float, top_p: float, seed: int | None, stop: list[str],
-) -> list[dict]:  # fmt: skip
-    """The completions ({text, finish_reason}) of our checkpoint, as an endpoint would give them: each text
-    ends before its first stop string ("stop"), at EOS ("stop"), or when MAX_TOKENS or the model's context
-    ran out ("length")."""
-    context = model.args.max_seq_len
+) -> Answer:  # fmt: skip
+    """The completions ({text, finish_reason}) of our checkpoint, and the tokens read and written, as an endpoint
+    would give them: each text ends before its first stop string ("stop"), at EOS ("stop"), or when MAX_TOKENS
+    or the model's context ran out ("length")."""
     prompt_ids = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
-    for i, ids in enumerate(prompt_ids):
-        if len(ids) >= context:
-            raise ValueError(
-                f"prompt {i + 1} of this request is {len(ids)} tokens long, but the model's context is {context} "
-                "(max_position_embeddings): use a model with a longer context, or fewer --num_prompt_instructions"
-            )
     so_far: list[list[int]] = [[] for _ in prompts]
 
     def watch_for_stops(i: int, token: int) -> bool:
@@ -350,10 +482,11 @@ def complete_locally(
     for ids, answer in zip(prompt_ids, answers, strict=True):
         text = tokenizer.decode(answer)
         cut = min((text.find(s) for s in stop if s in text), default=None)
-        ran_out = len(answer) >= min(MAX_TOKENS, context - len(ids))
+        ran_out = len(answer) >= min(MAX_TOKENS, model.args.max_seq_len - len(ids))
         finish_reason = "length" if cut is None and ran_out else "stop"
         choices.append({"text": text if cut is None else text[:cut], "finish_reason": finish_reason})
-    return choices
+    usage = {"prompt_tokens": sum(map(len, prompt_ids)), "completion_tokens": sum(map(len, answers))}
+    return choices, usage
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,10 +517,14 @@ def read_kept(path: str) -> list[dict]:
 
 
 def read_progress(path: str, n_kept: int) -> dict:
-    """{requests, generated} of the runs so far (a regen.json from elsewhere comes without: none known)."""
+    """{requests, generated, prompt_tokens, completion_tokens} of the runs so far (a regen.json from elsewhere
+    comes without: none known)."""
     progress = read_json(path, {"requests": 0, "generated": n_kept})
-    if not (isinstance(progress, dict) and all(type(progress.get(k)) is int for k in ("requests", "generated"))):
-        raise ValueError(f'{path}: expected {{"requests": N, "generated": N}}: move it away to start over')
+    if isinstance(progress, dict):
+        progress = dict.fromkeys(TOKEN_COUNTS, 0) | progress  # a file from before usage was counted
+    if not (isinstance(progress, dict) and all(type(progress.get(k)) is int for k in PROGRESS_COUNTS)):
+        fields = ", ".join(f'"{k}": N' for k in PROGRESS_COUNTS)
+        raise ValueError(f"{path}: expected {{{fields}}}: move it away to start over")
     return progress
 
 
@@ -417,13 +554,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--model_path, samples the same tokens), across restarts too")  # fmt: skip
     parser.add_argument("--max_requests", type=int, help="stop after this many requests in all, counting those "
                         "of the runs resumed (default: until enough instructions are kept)")  # fmt: skip
+    parser.add_argument("--api_type", choices=("completions", "chat"), default="completions",
+                        help="with --api_base: a request's prompts go to /completions in one call, as the "
+                        "original sent them, or each as one user message to /chat/completions "
+                        "(default: completions)")  # fmt: skip
+    parser.add_argument("--max_concurrency", type=int, default=1, help="with --api_base: calls in flight at once; "
+                        "the output does not depend on it (default: 1)")  # fmt: skip
 
     args = parser.parse_args(argv)
     if (args.api_base is None) == (args.model_path is None):
         raise ValueError("give one backend: --api_base URL (an OpenAI-compatible endpoint) or --model_path DIR")
-    for flag in ("num_instructions_to_generate", "num_prompt_instructions", "request_batch_size", "max_requests"):
+    for flag in (
+        "num_instructions_to_generate", "num_prompt_instructions", "request_batch_size", "max_requests",
+        "max_concurrency",
+    ):  # fmt: skip
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.model_path is not None and (args.max_concurrency > 1 or args.api_type != "completions"):
+        raise ValueError("--max_concurrency and --api_type are for --api_base: --model_path decodes one request at "
+                         "a time (serve.py, with --api_base, decodes the requests in flight together)")  # fmt: skip
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -431,17 +580,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_backend(args: argparse.Namespace) -> Complete:
-    """complete(prompts, seed) -> choices, for the backend the flags name."""
+def make_backend(args: argparse.Namespace, throttle: Throttle) -> Complete:
+    """complete(prompts, sampling seed, turn) -> answer, for the backend the flags name."""
     if args.api_base is not None:
         api_key = os.environ.get("OPENAI_API_KEY")
-        return lambda prompts, seed: complete_over_http(
-            args.api_base, args.model_name, prompts, args.temperature, args.top_p, api_key
+        endpoint = Endpoint(
+            args.api_base, args.api_type, args.model_name, args.temperature, args.top_p, api_key, throttle
         )
+        return lambda prompts, seed, turn: complete_over_http(endpoint, prompts, turn)
     # The way generate.py loads a checkpoint, with its defaults for the device and the dtype.
     _, tokenizer = load_tokenizer(args)
     model, compiled = load_for_decoding(args)
-    return lambda prompts, seed: complete_locally(
+    return lambda prompts, seed, turn: complete_locally(
         model, tokenizer, compiled, prompts, args.temperature, args.top_p, seed, STOP
     )
 
@@ -459,39 +609,62 @@ def run(args: argparse.Namespace) -> None:
     kept = read_kept(regen_path)
     progress = read_progress(progress_path, len(kept))
     write_json(regen_path, kept, indent=4)  # an output directory we cannot write fails now, not after a request
-    complete = make_backend(args)
+    throttle = Throttle(args.max_concurrency)
+    complete = make_backend(args, throttle)
     pool = InstructionPool([task["instruction"] for task in seed_tasks] + [record["instruction"] for record in kept])
+    prompts_per_call = 1 if args.api_type == "chat" else args.request_batch_size
 
+    def calls(number: int) -> list[tuple[list[str], int]]:
+        # One generator per request, seeded by its number: request n draws the same prompts whichever order the
+        # answers come back in, and after a restart.
+        rng = random.Random(f"{args.seed}:{number}") if args.seed is not None else random.Random()
+        prompts = [
+            encode_prompt(header, rng.sample(seed_tasks, args.num_prompt_instructions))
+            for _ in range(args.request_batch_size)
+        ]
+        seed = rng.randrange(2**63)
+        return [(prompts[i : i + prompts_per_call], seed) for i in range(0, len(prompts), prompts_per_call)]
+
+    requests = answers_in_order(calls, complete, progress["requests"], args.max_requests, args.max_concurrency)
+    started, answered = time.monotonic(), 0
     with tqdm(total=args.num_instructions_to_generate, initial=len(kept), unit="instruction", desc="kept") as bar:
-        while len(kept) < args.num_instructions_to_generate and (
-            args.max_requests is None or progress["requests"] < args.max_requests
-        ):
-            # One generator per request, seeded by its number: a restart draws what the run it resumes would have.
-            rng = random.Random(f"{args.seed}:{progress['requests']}") if args.seed is not None else random.Random()
-            prompts = [
-                encode_prompt(header, rng.sample(seed_tasks, args.num_prompt_instructions))
-                for _ in range(args.request_batch_size)
-            ]
-            choices = complete(prompts, rng.randrange(2**63))
-            items = [
-                item
-                for choice in choices
-                for item in parse_completion(choice["text"], choice["finish_reason"], args.num_prompt_instructions)
-            ]
-            new = deduplicate(items, pool)
-            kept += new
-            progress = {"requests": progress["requests"] + 1, "generated": progress["generated"] + len(items)}
-            # regen.json first: a crash between the two writes repeats a request whose items are then duplicates.
-            write_json(regen_path, kept, indent=4)
-            write_json(progress_path, progress, indent=4)
-            bar.update(len(new))
-            keep_rate = len(kept) / max(1, progress["generated"])
-            bar.set_postfix(requests=progress["requests"], keep_rate=f"{keep_rate:.0%}")
+        try:
+            for _, answers in requests if len(kept) < args.num_instructions_to_generate else ():
+                items = [
+                    item
+                    for choices, _ in answers
+                    for choice in choices
+                    for item in parse_completion(choice["text"], choice["finish_reason"], args.num_prompt_instructions)
+                ]
+                new = deduplicate(items, pool)
+                kept += new
+                progress["requests"] += 1
+                progress["generated"] += len(items)
+                for key in TOKEN_COUNTS:
+                    progress[key] += sum(usage[key] for _, usage in answers)
+                # Only answers taken in order are saved: a restart asks again for those that came ahead of their
+                # turn. regen.json first: a crash between the two writes repeats a request whose items are then
+                # duplicates.
+                write_json(regen_path, kept, indent=4)
+                write_json(progress_path, progress, indent=4)
+                answered += 1
+                bar.update(len(new))
+                bar.set_postfix({
+                    "requests": progress["requests"],
+                    "req/min": f"{answered / (time.monotonic() - started) * 60:.1f}",
+                    "tokens": f"{progress['prompt_tokens']:,} in, {progress['completion_tokens']:,} out",
+                    "keep_rate": f"{len(kept) / max(1, progress['generated']):.0%}",
+                })  # fmt: skip
+                if len(kept) >= args.num_instructions_to_generate:
+                    break
+        finally:
+            throttle.close()  # calls still waiting for their turn are not sent
 
     data_path = os.path.join(args.output_dir, "alpaca_data.json")
     write_json(data_path, [{k: record[k] for k in ("instruction", "input", "output")} for record in kept], indent=4)
     print(
-        f"kept {len(kept)} of {progress['generated']} instructions parsed from {progress['requests']} requests; "
+        f"kept {len(kept)} of {progress['generated']} instructions parsed from {progress['requests']} requests "
+        f"({progress['prompt_tokens']:,} prompt and {progress['completion_tokens']:,} completion tokens); "
         f"wrote {regen_path} and {data_path}"
     )
 
@@ -501,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
         run(parse_args(argv))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # regen.json holds every request answered so far
+    except KeyboardInterrupt:  # regen.json holds every request taken so far
         sys.exit(130)
 
 

@@ -45,3 +45,19 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         # `[PAD]` (and anything else past SentencePiece's range) is not text.
         return self.sp.Decode([i for i in ids if 0 <= i < self.n_words])
+
+    def token_bytes(self, id: int, at_start: bool = False) -> bytes | None:
+        """The bytes that id adds where decode() spells it out: a byte-fallback piece's own byte, else the piece
+        with its ▁ as spaces, less the one leading ▁ that decode drops from the first piece of a text (at_start:
+        none but control pieces before it). None for what decode leaves out: control pieces (BOS, EOS) and ids
+        past SentencePiece's (`[PAD]`)."""
+        if not 0 <= id < self.n_words or self.sp.IsControl(id):
+            return None
+        if self.sp.IsUnknown(id):
+            return self.sp.Decode([id]).encode()  # " ⁇ "
+        piece = self.sp.IdToPiece(id)
+        if self.sp.IsByte(id):
+            return bytes([int(piece[3:-1], 16)])  # "<0xE2>"
+        if at_start:
+            piece = piece.removeprefix("\u2581")
+        return piece.replace("\u2581", " ").encode()

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ CONFIGS = list(evaluate.ANNOTATORS_BINARIZE)
 
 ALPACA_EVAL = """
 import sys
+import threading
 import alpaca_eval.main
 model_outputs, reference_outputs, output_path = sys.argv[1:4]
 for config in sys.argv[4:]:
@@ -234,7 +236,7 @@ def test_judge_errors_end_in_one_line(outputs, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(SystemExit, match="needs OPENAI_API_KEY"):
         evaluate.main(["--model_outputs", model, "--output_path", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"cannot reach the judge"):
+    with pytest.raises(SystemExit, match=r"cannot reach the endpoint"):
         evaluate.main(["--model_outputs", model, "--reference_outputs", reference, "--output_path", str(tmp_path),
                        "--api_base", "http://127.0.0.1:9/v1"])  # fmt: skip
 
@@ -311,3 +313,65 @@ def test_human_flags_serve_the_pairs_blind_and_report_the_votes(outputs, tmp_pat
     assert "made-up" in report.stdout and "all raters" in report.stdout
     (vote,) = [json.loads(line) for line in (tmp_path / "human_votes.jsonl").read_text().splitlines()]
     assert vote["instruction"] == instruction and vote["preference"] == 1.5 and vote["generator_2"] == "made-up"
+
+
+@pytest.fixture(scope="module")
+def judge_model_dir(tmp_path_factory, tokenizer_model) -> Path:
+    """A tiny LLaMA that puts m, then M, on top of every answer to AlpacaEval's judge prompt: its final norm keeps
+    only the first feature of the last hidden state, signed so that it is positive after "### Response:", and only
+    m's and M's output rows read it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data import format_prompt
+    from tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=32000, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    tokenizer = Tokenizer(str(tokenizer_model))
+    with torch.no_grad():
+        last_hidden = model.model(torch.tensor([tokenizer.encode(format_prompt("Judge."), bos=True)])).last_hidden_state
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0 if last_hidden[0, -1, 0] > 0 else -1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.encode("m")[-1], 0] = 8.0
+        model.lm_head.weight[tokenizer.encode("M")[-1], 0] = 7.0
+    path = tmp_path_factory.mktemp("judge")
+    model.save_pretrained(path)
+    shutil.copyfile(tokenizer_model, path / "tokenizer.model")
+    return path
+
+
+def test_serve_py_as_the_judge(judge_model_dir, outputs, tmp_path):
+    """Our own model behind serve.py judges the pairs: the requests alpaca_eval sends work on its chat endpoint, and
+    each preference is what alpaca_eval's parser reads in serve.py's logprobs, the seeded swap undone (the values
+    themselves are held against transformers in test_logprobs.py)."""
+    import serve
+
+    server = serve.build_server(serve.parse_args(["--model_path", str(judge_model_dir), "--port", "0"]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    answers, references = (evaluate.read_outputs(path) for path in outputs)
+    chosen = [i for i, (a, r) in enumerate(zip(answers, references, strict=True)) if a["output"] != r["output"]][:24]
+    model, reference = (
+        write(tmp_path / "m.json", [answers[i] for i in chosen]),
+        write(tmp_path / "r.json", [references[i] for i in chosen]),
+    )
+    try:
+        evaluate.main(["--model_outputs", model, "--reference_outputs", reference, "--output_path", str(tmp_path),
+                       "--api_base", f"http://{host}:{port}/v1", "--judge_model", "judge"])  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    annotations = json.loads((tmp_path / evaluate.DEFAULT_ANNOTATOR / "annotations.json").read_text())
+    assert len(annotations) == len(chosen)
+    for a in annotations:
+        (content,) = a["preference_raw_completion"]["logprobs"]["content"]
+        assert [t["token"] for t in content["top_logprobs"][:2]] == ["m", "M"], content  # sampled at temperature 1
+        preference = evaluate.read_preference(a["preference_raw_completion"], is_binarize=False)
+        assert 1 < preference < 1.5
+        expected = 3 - preference if evaluate.is_swapped(a["instruction"]) else preference
+        assert a["preference"] == pytest.approx(expected)

@@ -2,6 +2,8 @@
 rouge_score, behind a local HTTP server that serves canned completions; its local backend on the sample model."""
 
 import argparse
+import contextlib
+import email.utils
 import hashlib
 import json
 import os
@@ -18,13 +20,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, SHARED_DATA
 from rouge_score import rouge_scorer
 
 import self_instruct
+import serve
 from engine import generate_ids
 from loading import load_for_decoding, load_tokenizer
-from self_instruct import InstructionPool, complete_locally, deduplicate, main, rouge_l
+from self_instruct import InstructionPool, Throttle, complete_locally, deduplicate, main, rouge_l
 
 SEED_TASKS = str(SHARED_DATA / "seed_tasks.jsonl")
 
@@ -99,32 +103,51 @@ def seed_tasks() -> list[dict]:
 
 
 class CannedEndpoint:
-    """POST /v1/completions answered by respond(request number, body) -> (status, response bytes). A request
-    whose number is block_at waits (in_flight set) until `release` is set."""
+    """POST /v1/completions and /v1/chat/completions answered by respond(request number, body) -> (status,
+    response bytes[, headers]), numbered in the order they arrive. A request whose number is block_at waits
+    (in_flight set) until `release` is set. Records each request's body, headers and path, the times it came
+    and was answered (time.time()), and the most requests in flight at once."""
 
     def __init__(self, respond, block_at: int | None = None):
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
+        self.paths: list[str] = []
+        self.arrived: list[float] = []
+        self.answered: dict[int, float] = {}  # number -> time its answer was sent
+        self.statuses: dict[int, int] = {}
+        self.in_flight_now = self.most_in_flight = 0
         self.in_flight, self.release = threading.Event(), threading.Event()
+        lock = threading.Lock()
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                endpoint.bodies.append(body)
-                endpoint.headers.append(dict(self.headers))
-                number = len(endpoint.bodies)
-                if self.path != "/v1/completions":
-                    status, payload = 404, b'{"error": {"message": "no such route"}}'
+                with lock:
+                    endpoint.bodies.append(body)
+                    endpoint.headers.append(dict(self.headers))
+                    endpoint.paths.append(self.path)
+                    endpoint.arrived.append(time.time())
+                    number = len(endpoint.bodies)
+                    endpoint.in_flight_now += 1
+                    endpoint.most_in_flight = max(endpoint.most_in_flight, endpoint.in_flight_now)
+                if self.path not in ("/v1/completions", "/v1/chat/completions"):
+                    status, payload, headers = 404, b'{"error": {"message": "no such route"}}', []
                 else:
-                    status, payload = respond(number, body)
+                    status, payload, *headers = respond(number, body)
                 if number == block_at:
                     endpoint.in_flight.set()
                     endpoint.release.wait(120)
+                with lock:
+                    endpoint.in_flight_now -= 1
+                    endpoint.answered[number] = time.time()
+                    endpoint.statuses[number] = status
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
+                    for name, value in (headers[0] if headers else {}).items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(payload)
                 except OSError:  # the client was killed while it waited
@@ -306,41 +329,128 @@ def test_kept_records_equal_the_original_algorithms(endpoint, tmp_path, monkeypa
 
 def alpaca_completion(records: list[dict], prompt: str) -> dict:
     """Five Alpaca records as the model would write them, chosen by the prompt: the same prompt, the same text."""
-    start = int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % (len(records) - 5)
+    start = prompt_hash(prompt) % (len(records) - 5)
     text = "".join(item(4 + i, r["instruction"], r["input"] or "<noinput>", r["output"])
                    for i, r in enumerate(records[start : start + 5]))  # fmt: skip
     return {"text": text, "finish_reason": "stop"}
 
 
-def test_resume_after_a_kill_ends_with_the_uninterrupted_file(endpoint, tmp_path, alpaca_sample):
+def prompt_hash(prompt: str) -> int:
+    return int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
+
+
+def by_prompt(complete_prompt, delay=lambda number: 0.0):
+    """A respond() whose answer to each prompt is complete_prompt(prompt) -> {text, finish_reason}, in the shape
+    of the API the body is for (a chat body's prompt is its user message), with usage counted in words; it
+    sleeps delay(request number) first."""
+
+    def respond(number: int, body: dict) -> tuple[int, bytes]:
+        time.sleep(delay(number))
+        is_chat = "messages" in body
+        prompts = [body["messages"][-1]["content"]] if is_chat else body["prompt"]
+        answers = [complete_prompt(prompt) for prompt in prompts]
+        if is_chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": a["text"]},
+                        "finish_reason": a["finish_reason"]} for i, a in enumerate(answers)]  # fmt: skip
+        else:
+            choices = [{"index": i, **a} for i, a in enumerate(answers)]
+        usage = {"prompt_tokens": sum(len(p.split()) for p in prompts),
+                 "completion_tokens": sum(len(a["text"].split()) for a in answers)}  # fmt: skip
+        return 200, json.dumps({"choices": choices, "usage": usage}).encode()
+
+    return respond
+
+
+def every_third_slow(number: int) -> float:
+    """Request 1, 4, 7, ... is slow, so that the two after it, in flight beside it, answer first."""
+    return 0.15 if number % 3 == 1 else 0.01
+
+
+OUTPUT_FILES = ("regen.json", "regen_progress.json", "alpaca_data.json")
+
+
+def test_requests_in_flight_give_the_sequential_output_byte_for_byte(endpoint, tmp_path, alpaca_sample):
     records = json.loads(alpaca_sample.read_text())
-    respond = lambda number, body: completions([alpaca_completion(records, p) for p in body["prompt"]])
-    command = [sys.executable, os.path.join(ROOT, "self_instruct.py"), "--seed_tasks_path", SEED_TASKS]
-    command += ["--num_instructions_to_generate", "40", "--request_batch_size", "2", "--seed", "3"]
+    server = endpoint(by_prompt(lambda prompt: alpaca_completion(records, prompt), every_third_slow))
+    args = ["--api_base", server.url, "--seed_tasks_path", SEED_TASKS, "--num_instructions_to_generate", "80"]
+    args += ["--request_batch_size", "2", "--seed", "5"]
+    main(args + ["--output_dir", str(tmp_path / "one")])
+    assert server.most_in_flight == 1
+    sequential_requests = len(server.bodies)
+
+    server.bodies.clear()
+    server.answered.clear()
+    main(args + ["--output_dir", str(tmp_path / "eight"), "--max_concurrency", "8"])
+    assert server.most_in_flight >= 4
+    answer_order = sorted(server.answered, key=server.answered.get)
+    assert answer_order != sorted(answer_order)  # answers came back out of order
+    assert len(server.bodies) >= sequential_requests >= 8  # and some past the end, not taken
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "eight" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    progress = json.loads((tmp_path / "one" / "regen_progress.json").read_text())
+    assert progress["requests"] == sequential_requests and progress["completion_tokens"] > 0
+    assert len(json.loads((tmp_path / "one" / "regen.json").read_text())) >= 80
+
+
+def test_resume_after_a_kill_in_flight_ends_with_the_uninterrupted_files(endpoint, tmp_path, alpaca_sample):
+    records = json.loads(alpaca_sample.read_text())
+    respond = by_prompt(lambda prompt: alpaca_completion(records, prompt), every_third_slow)
+    args = ["--seed_tasks_path", SEED_TASKS, "--num_instructions_to_generate", "80", "--request_batch_size", "2"]
+    args += ["--seed", "3", "--max_concurrency", "4"]
 
     server = endpoint(respond)
-    whole = subprocess.run(command + ["--api_base", server.url, "--output_dir", str(tmp_path / "whole")],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert whole.returncode == 0, whole.stderr
-    assert len(server.bodies) >= 4
+    main(args + ["--api_base", server.url, "--output_dir", str(tmp_path / "whole")])
+    assert len(server.bodies) >= 10
 
-    server = endpoint(respond, block_at=3)
+    server = endpoint(respond, block_at=6)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command + ["--api_base", server.url, "--output_dir", str(killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [sys.executable, os.path.join(ROOT, "self_instruct.py"), *args, "--api_base", server.url]
+    process = subprocess.Popen(command + ["--output_dir", str(killed)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
     assert server.in_flight.wait(300)
+    time.sleep(0.5)  # the requests beside the blocked one answer, those before it are taken
     process.kill()
     process.wait()
     server.release.set()
-    after_two = json.loads((killed / "regen.json").read_text())
+    after_kill = json.loads((killed / "regen.json").read_text())
+    taken = json.loads((killed / "regen_progress.json").read_text())["requests"]
     final = json.loads((tmp_path / "whole" / "regen.json").read_text())
-    assert 0 < len(after_two) < 40 and after_two == final[: len(after_two)]
+    assert 0 < len(after_kill) < 80 and after_kill == final[: len(after_kill)]
+    assert 2 <= taken < len(server.bodies) - 1  # lost: the blocked request, and those answered after it
 
-    resumed = subprocess.run(command + ["--api_base", server.url, "--output_dir", str(killed)],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(command + ["--output_dir", str(killed)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    for name in ("regen.json", "alpaca_data.json"):
-        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    for name in OUTPUT_FILES:
+        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_chat_sends_each_prompt_as_a_user_message_and_keeps_what_completions_keeps(endpoint, tmp_path, alpaca_sample):
+    records = json.loads(alpaca_sample.read_text())
+
+    def complete_prompt(prompt: str) -> dict:  # some answers cut at the length limit: their last item is dropped
+        return alpaca_completion(records, prompt) | {"finish_reason": ["stop", "length"][prompt_hash(prompt) % 2]}
+
+    server = endpoint(by_prompt(complete_prompt, lambda number: 0.01 * (number % 4)))
+    args = ["--api_base", server.url, "--model_name", "gpt-4o-mini", "--seed_tasks_path", SEED_TASKS]
+    args += ["--request_batch_size", "3", "--max_requests", "4", "--seed", "1", "--temperature", "0.7"]
+    main(args + ["--output_dir", str(tmp_path / "completions")])
+    assert server.paths == ["/v1/completions"] * 4
+    prompts = [prompt for body in server.bodies for prompt in body["prompt"]]
+
+    server.bodies.clear()
+    server.paths.clear()
+    main(args + ["--output_dir", str(tmp_path / "chat"), "--api_type", "chat", "--max_concurrency", "4"])
+    assert server.paths == ["/v1/chat/completions"] * 12 and server.most_in_flight >= 2
+    assert sorted(body.pop("messages")[0]["content"] for body in server.bodies) == sorted(prompts)
+    settings = {"model": "gpt-4o-mini", "max_tokens": 3072, "temperature": 0.7, "top_p": 1.0, "n": 1}
+    assert all(body == settings | {"stop": ["\n20", "20.", "20."]} for body in server.bodies)
+    assert {complete_prompt(prompt)["finish_reason"] for prompt in prompts} == {"stop", "length"}
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "chat" / name).read_bytes() == (tmp_path / "completions" / name).read_bytes(), name
+    progress = json.loads((tmp_path / "chat" / "regen_progress.json").read_text())
+    assert progress["prompt_tokens"] == sum(len(prompt.split()) for prompt in prompts)
+    texts = [complete_prompt(prompt)["text"] for prompt in prompts]
+    assert progress["completion_tokens"] == sum(len(text.split()) for text in texts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,6 +471,104 @@ def test_retries_rate_limits_server_errors_and_shrinks_on_a_context_error(endpoi
     main(args + ["--request_batch_size", "1", "--max_requests", "1"])
     assert [b["max_tokens"] for b in server.bodies] == [3072, 3072, 3072, 2457, 1965]
     assert len(json.loads((tmp_path / "regen.json").read_text())) == 4
+
+
+@pytest.mark.parametrize("form", ["seconds", "date"])
+def test_a_429_is_retried_after_its_retry_after(endpoint, tmp_path, alpaca_sample, form):
+    records = json.loads(alpaca_sample.read_text())
+    answer = by_prompt(lambda prompt: alpaca_completion(records, prompt))
+    not_before = []  # the time the 429 asks the client to wait for
+
+    def respond(number: int, body: dict):
+        if number > 1:
+            return answer(number, body)
+        if form == "seconds":
+            retry_after, not_before[:] = "1", [time.time() + 1]
+        else:  # an HTTP date, to the second: 1 to 2 s ahead
+            retry_after = email.utils.formatdate(time.time() + 2, usegmt=True)
+            not_before[:] = [email.utils.parsedate_to_datetime(retry_after).timestamp()]
+        return 429, b'{"error": {"message": "Rate limit reached"}}', {"Retry-After": retry_after}
+
+    server = endpoint(respond)
+    args = ["--api_base", server.url, "--output_dir", str(tmp_path), "--seed_tasks_path", SEED_TASKS, "--seed", "0"]
+    main(args + ["--request_batch_size", "1", "--max_requests", "3", "--max_concurrency", "2"])
+    (retry,) = [n for n in range(2, len(server.bodies) + 1) if server.bodies[n - 1] == server.bodies[0]]
+    assert server.arrived[retry - 1] >= not_before[0] and server.statuses[retry] == 200
+    assert json.loads((tmp_path / "regen_progress.json").read_text())["requests"] == 3
+
+
+def test_throttle_halves_once_per_burst_of_429s_and_grows_back_by_one():
+    throttle = Throttle(8)
+    with contextlib.ExitStack() as stack:
+        cuts = [stack.enter_context(throttle.turn((0, i))) for i in range(8)]
+        assert throttle.in_flight == 8
+        for sent_with in cuts[:6]:  # the 429s of one burst: one cut
+            throttle.rate_limited(sent_with, 0.0)
+        assert throttle.limit == 4
+    with throttle.turn((1, 0)) as sent_with:
+        pass
+    throttle.rate_limited(sent_with, 0.0)  # sent after the cut: cuts again
+    assert throttle.limit == 2
+    for limit in (3, 4, 5, 6, 7, 8):
+        for _ in range(limit - 1):
+            throttle.succeeded()
+        assert throttle.limit == limit  # `limit - 1` answers in a row at limit - 1 add one
+    for _ in range(20):
+        throttle.succeeded()
+    assert throttle.limit == 8
+
+
+def test_throttle_lets_the_lowest_turn_go_first_pauses_all_and_cancels_on_close():
+    throttle = Throttle(1)
+    order = []
+
+    def wait_for_turn(key):
+        try:
+            with throttle.turn(key):
+                order.append(key)
+        except self_instruct.Cancelled:
+            order.append("cancelled")
+
+    with throttle.turn((0, 0)) as sent_with:
+        threads = [threading.Thread(target=wait_for_turn, args=(key,)) for key in [(3, 0), (1, 1), (2, 0), (1, 0)]]
+        for thread in threads:
+            thread.start()
+        while len(throttle.waiting) < 4:
+            time.sleep(0.01)
+        throttle.rate_limited(sent_with, 0.3)
+        paused_at = time.monotonic()
+    for thread in threads:
+        thread.join()
+    assert time.monotonic() - paused_at >= 0.3
+    assert order == [(1, 0), (1, 1), (2, 0), (3, 0)]
+    throttle.close()
+    wait_for_turn((4, 0))
+    assert order[-1] == "cancelled"
+
+
+def test_repeated_429s_lower_the_requests_in_flight(endpoint, tmp_path, alpaca_sample):
+    """An endpoint that takes 2 requests at a time and answers 429 (Retry-After: 0) to a third. 8 in flight, even
+    pausing as asked, would hammer it until a request gives up after 8 tries; the throttle settles near 2, and
+    every request is answered."""
+    records = json.loads(alpaca_sample.read_text())
+    answer = by_prompt(lambda prompt: alpaca_completion(records, prompt))
+    busy = threading.Semaphore(2)
+
+    def respond(number: int, body: dict):
+        if not busy.acquire(blocking=False):
+            return 429, b'{"error": {"message": "Rate limit reached"}}', {"Retry-After": "0"}
+        try:
+            time.sleep(0.05)
+            return answer(number, body)
+        finally:
+            busy.release()
+
+    server = endpoint(respond)
+    args = ["--api_base", server.url, "--output_dir", str(tmp_path), "--seed_tasks_path", SEED_TASKS, "--seed", "0"]
+    args += ["--request_batch_size", "1", "--num_instructions_to_generate", "1000", "--max_requests", "24"]
+    main(args + ["--max_concurrency", "8"])
+    assert json.loads((tmp_path / "regen_progress.json").read_text())["requests"] == 24
+    assert sum(status == 429 for status in server.statuses.values()) < 24  # 10 to 14 seen
 
 
 @pytest.mark.parametrize(
@@ -423,6 +631,10 @@ def test_bad_input_ends_in_one_line(tmp_path, endpoint):
         assert (out / "regen.json").read_text() == text
     assert len(server.bodies) == 0
     assert "give one backend" in run_main(["--output_dir", str(out)])
+    assert "--max_concurrency must be >= 1, got 0" in run_main(base + ["--max_concurrency", "0"])
+    assert "invalid choice: 'edits'" in run_main(base + ["--api_type", "edits"])
+    local = ["--model_path", str(tmp_path), "--max_concurrency", "2"]
+    assert "--max_concurrency and --api_type are for --api_base" in run_main(local)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -477,15 +689,96 @@ def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_mo
     steps = []
     model.register_forward_hook(lambda module, args, logits: steps.append(1))
     for prompt in prompts:
-        (choice,) = complete_locally(model, tokenizer, compiled, [prompt], 0.0, 1.0, None, stop=[])
+        (choice,), usage = complete_locally(model, tokenizer, compiled, [prompt], 0.0, 1.0, None, stop=[])
         prompt_ids = tokenizer.encode(prompt, bos=True)
         (answer,) = generate_ids(model, [prompt_ids], 3072, tokenizer.eos_id)  # greedy, alone
+        assert usage == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(answer)}
         assert choice["text"] == tokenizer.decode(answer)
         assert choice["finish_reason"] == ("length" if len(prompt_ids) + len(answer) == 64 else "stop")
         text = choice["text"]
         assert len(text) > 6
         stop = text[len(text) // 2 : len(text) // 2 + 2]
         steps.clear()
-        (cut,) = complete_locally(model, tokenizer, compiled, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
+        (cut,), _ = complete_locally(model, tokenizer, compiled, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
         assert cut == {"text": text[: text.find(stop)], "finish_reason": "stop"}
         assert len(steps) < len(answer) - 1  # the answer stopped there, not only its text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole loop on one machine: serve.py over a local model, self_instruct.py against it
+
+
+@pytest.fixture
+def served(tmp_path, tokenizer_model, monkeypatch):
+    """serve.py in this process over a tiny random LLaMA whose 704 positions hold a self-instruct prompt with
+    the shortest seed tasks (up to about 670 tokens), recording the prompts it is sent, the most HTTP requests
+    in flight at once, and the rows of each decoding step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=32000, max_position_embeddings=704,
+    )  # fmt: skip
+    model = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(model)
+    shutil.copyfile(tokenizer_model, model / "tokenizer.model")
+
+    record = argparse.Namespace(prompts=[], batch_rows=[], in_flight=0, most_in_flight=0)
+    lock = threading.Lock()
+    make_jobs, do_post = serve.make_jobs, serve.Handler.do_POST
+
+    def recording_make_jobs(body, prompts, *args):
+        record.prompts += prompts
+        return make_jobs(body, prompts, *args)
+
+    def counting_do_post(handler):
+        with lock:
+            record.in_flight += 1
+            record.most_in_flight = max(record.most_in_flight, record.in_flight)
+        try:
+            do_post(handler)
+        finally:
+            with lock:
+                record.in_flight -= 1
+
+    monkeypatch.setattr(serve, "make_jobs", recording_make_jobs)
+    monkeypatch.setattr(serve.Handler, "do_POST", counting_do_post)
+    server = serve.build_server(serve.parse_args(["--model_path", str(model), "--port", "0"]))
+    engine, decode = server.engine, server.engine.decode
+
+    def recording_decode():
+        record.batch_rows.append(len(engine.decoding))
+        decode()
+
+    monkeypatch.setattr(engine, "decode", recording_decode)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    record.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    record.tokenizer = server.tokenizer
+    yield record
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_alpaca_data_loop_on_one_machine(served, tmp_path):
+    lines = sorted((SHARED_DATA / "seed_tasks.jsonl").read_text().splitlines(), key=len)[:20]
+    (tmp_path / "seeds.jsonl").write_text("\n".join(lines))
+    args = ["--api_base", served.url, "--model_name", "model", "--seed_tasks_path", str(tmp_path / "seeds.jsonl")]
+    args += ["--request_batch_size", "2", "--seed", "0"]
+
+    main(args + ["--output_dir", str(tmp_path / "gen"), "--max_requests", "4", "--max_concurrency", "3"])
+    assert served.most_in_flight >= 2 and max(served.batch_rows) > 2  # requests decoded together
+    for name in OUTPUT_FILES:
+        json.loads((tmp_path / "gen" / name).read_text())
+    progress = json.loads((tmp_path / "gen" / "regen_progress.json").read_text())
+    assert len(served.prompts) == 8 and progress["requests"] == 4
+    assert progress["prompt_tokens"] == sum(len(served.tokenizer.encode(p, bos=True)) for p in served.prompts)
+    assert 0 < progress["completion_tokens"] <= 8 * (704 - 500)
+
+    # Chat: serve.py puts each prompt, as an instruction, in the Alpaca template.
+    served.prompts.clear()
+    main(args + ["--output_dir", str(tmp_path / "chat"), "--max_requests", "1", "--api_type", "chat"])
+    progress = json.loads((tmp_path / "chat" / "regen_progress.json").read_text())
+    assert len(served.prompts) == 2 and all(p.startswith("Below is an instruction") for p in served.prompts)
+    assert progress["prompt_tokens"] == sum(len(served.tokenizer.encode(p, bos=True)) for p in served.prompts)
+    assert progress["requests"] == 1 and progress["completion_tokens"] > 0

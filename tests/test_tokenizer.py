@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from data import format_prompt
@@ -72,3 +73,22 @@ def test_exported_tokenizer_files_load_in_transformers(ours, tokenizer_model, tm
     text = format_prompt("Give three tips for staying healthy.") + " Eat well.\nSleep."
     assert hf(text)["input_ids"] == ours.encode(text, bos=True)
     assert hf.decode(ours.encode(text) + [32000], skip_special_tokens=True) == text
+
+
+def test_token_bytes_spell_out_what_sentencepiece_decodes(ours, alpaca_sample):
+    """Token by token, token_bytes (serve.py's logprob tokens) adds up to SentencePiece's own decode of the whole
+    sequence: on every Alpaca record, on random ids (byte pieces, control pieces, <unk> among them), and where a
+    lone ▁ or a control piece comes first."""
+    records = json.loads(alpaca_sample.read_text())
+    sequences = [ours.encode(format_prompt(r["instruction"], r["input"]) + r["output"], bos=True) for r in records]
+    generator = torch.Generator().manual_seed(0)
+    sequences += torch.randint(0, ours.n_words, (2000, 24), generator=generator).tolist()
+    sequences += [[29871, 15043], [1, 29871, 15043], [1, 2, 15043], [0, 15043], [68, 15043], [32000, 15043]]
+    for ids in sequences:
+        spelled, at_start = b"", True
+        for id in ids:
+            raw = ours.token_bytes(id, at_start)
+            if raw is not None:
+                spelled += raw
+                at_start = False
+        assert spelled.decode("utf-8", errors="replace") == ours.decode(ids), ids
