@@ -8,8 +8,9 @@ request has a cache row of its own and writes its tokens at its own positions th
 prompt, and no request waits for another to end.
 
     engine = Engine(model, tokenizer.eos_id, max_batch_size=8)
-    engine.submit([Request(prompt_ids, max_new_tokens=64)])   # from any thread
-    engine.run(stopping)                                      # in the thread that owns the model
+    engine.start()                                            # a thread of its own owns the model
+    engine.submit([request := Request(prompt_ids, max_new_tokens=64)])   # from any thread
+    request.ended.wait()                                      # request.output_ids, request.finish_reason
 
 `generate_ids(model, prompt_ids, ...)` runs a list of prompts to their answers in the calling thread.
 """
@@ -66,6 +67,7 @@ class Request:
     on_prompt_logits: Callable[[Tensor], None] | None = None
     on_end: Callable[["Request"], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # set after on_end
     # The engine's:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS), "length", "halted" (by on_token), "cancelled" or "error"
@@ -147,6 +149,8 @@ class Engine:
         self.step_seconds: float | None = None  # a decoding step's time, and a prompt token's, smoothed
         self.prompt_token_seconds: float | None = None
         self.stats = dict(prompt_tokens=0, prompt_seconds=0.0, tokens=0, decode_seconds=0.0)
+        self.thread: threading.Thread | None = None
+        self.stopping = False
 
     # -----------------------------------------------------------------------------------------------------
     # From any thread
@@ -175,18 +179,28 @@ class Engine:
     # -----------------------------------------------------------------------------------------------------
     # In the thread that owns the model
 
-    def run(self, stopping: threading.Event) -> None:
-        """Steps while there is work, and waits for it otherwise, until `stopping` is set (then call wake())."""
-        while not stopping.is_set():
-            with self.lock:
-                while not (self.waiting or self.decoding or self.prefilling or stopping.is_set()):
-                    self.lock.wait()
-            if not stopping.is_set():
-                self.step()
+    def start(self) -> None:
+        """Runs the engine in a thread of its own until stop(): it steps while there is work and waits for it
+        otherwise."""
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
 
-    def wake(self) -> None:
+    def stop(self) -> None:
+        """Ends the engine's thread after its current step (a thread left inside torch when the interpreter exits
+        can abort the process). The requests it had are left unfinished."""
         with self.lock:
+            self.stopping = True
             self.lock.notify()
+        self.thread.join()
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.waiting or self.decoding or self.prefilling or self.stopping):
+                    self.lock.wait()
+                if self.stopping:
+                    return
+            self.step()
 
     def run_until_done(self) -> None:
         while self.waiting or self.decoding or self.prefilling:
@@ -382,6 +396,7 @@ class Engine:
         if request.on_end is not None:
             with contextlib.suppress(Exception):  # a broken callback may not take the engine down with it
                 request.on_end(request)
+        request.ended.set()
 
     def move_to_row(self, request: Request, row: int) -> None:
         """Moves the request's keys and values to `row`, swapping with the request there, if any."""

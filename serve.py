@@ -451,24 +451,18 @@ class Server(ThreadingHTTPServer):
         self.request_timeout, self.api_key = timeout, api_key
         self.created = int(time.time())
         self.page = CHAT_PAGE.read_bytes()
-        self.stopping = threading.Event()
         self.engine: Engine | None = None
-        self.decoder: threading.Thread | None = None
         super().__init__(address, Handler)  # last: a failed bind calls server_close, which needs the above
 
     def start_decoding(self, engine: Engine) -> None:
         self.engine = engine
-        self.decoder = threading.Thread(target=engine.run, args=(self.stopping,), daemon=True)
-        self.decoder.start()
+        engine.start()
 
     def server_close(self) -> None:
-        """Closes the socket and ends the decoding thread after its current step: a thread left inside torch
-        when the interpreter exits can abort the process."""
+        """Closes the socket and ends the engine's thread."""
         super().server_close()
-        if self.decoder is not None:
-            self.stopping.set()
-            self.engine.wake()
-            self.decoder.join()
+        if self.engine is not None:
+            self.engine.stop()
 
 
 class Handler(BaseHTTPRequestHandler):
