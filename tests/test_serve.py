@@ -369,6 +369,31 @@ def test_many_clients_at_once_each_get_an_answer_or_a_429(busy_server):
     assert post(url, "/health", None, "GET") == (200, {"status": "ok"})
 
 
+def test_compile_builds_in_the_background_while_requests_are_answered(model_dir, tmp_path, monkeypatch):
+    """--compile: the first answer comes at once, uncompiled, while a process of its own compiles the step; then
+    the engine switches to it, and the answers stay the same."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    server = start_server(model_dir, "--compile", "--max_batch_size", "1")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
+        uncompiled = complete(client, RAW_PROMPTS[0], max_tokens=30).choices[0].text
+        assert server.engine.compiled.get(1) is None  # still compiling, and nobody waited for it
+        deadline = time.monotonic() + 900
+        while server.engine.compiled.get(1) is None:
+            assert time.monotonic() < deadline, "the compiled step never came"
+            time.sleep(0.5)
+        steps = []
+        get = server.engine.compiled.get
+        monkeypatch.setattr(
+            server.engine.compiled, "get", lambda batch_size: steps.append(get(batch_size)) or get(batch_size)
+        )
+        assert complete(client, RAW_PROMPTS[0], max_tokens=30).choices[0].text == uncompiled
+        assert len(steps) == 29 and all(step is not None for step in steps)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_host_beyond_this_machine_is_told_apart():
     assert all(serve.is_loopback(host) for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
     assert not any(serve.is_loopback(host) for host in ("0.0.0.0", "::", "192.168.1.5", "example.org"))
