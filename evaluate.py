@@ -33,8 +33,9 @@ from tqdm import tqdm
 from checkpoint import write_json
 from cli import ArgumentParser
 from data import format_prompt
-from generate import add_model_flags, check_prompt_lengths, generate, load_for_decoding, load_tokenizer
+from engine import check_prompt_lengths, generate
 from http_client import error_message, is_worth_retrying, post_json, retry_pause
+from loading import add_model_flags, load_for_decoding, load_tokenizer
 
 EVAL_DIR = Path(__file__).with_name("eval")
 EVAL_INSTRUCTIONS = EVAL_DIR / "user_oriented_instructions.jsonl"  # self-instruct's 252, AlpacaEval's selfinstruct
@@ -370,13 +371,13 @@ def generate_outputs(args: argparse.Namespace) -> list[dict]:
     prompts = [format_prompt(instruction, input) for instruction, input in pairs]
     model_args, tokenizer = load_tokenizer(args)
     check_prompt_lengths([tokenizer.encode(p, bos=True) for p in prompts], model_args.max_seq_len)
-    model, decode_step = load_for_decoding(args)
+    model, compiled = load_for_decoding(args)
     name = os.path.basename(os.path.normpath(args.model_path))
     answers = []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="answering", unit="batch"):
         batch = prompts[start : start + args.batch_size]
         seed = args.seed + start // args.batch_size
-        answers += generate(model, tokenizer, batch, MAX_NEW_TOKENS, args.temperature, 1.0, 0, seed, None, decode_step)
+        answers += generate(model, tokenizer, batch, MAX_NEW_TOKENS, args.temperature, 1.0, 0, seed, None, compiled)
     return [
         {"instruction": merged_instruction(*pair), "output": answer.strip(), "generator": name,
          "dataset": "selfinstruct"}

@@ -95,19 +95,26 @@ def attention_dtype(x: Tensor) -> torch.dtype:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values (B, n_kv_heads, max_len, head_dim), written at given slots, so each
-    decoding step costs the same and nothing is reallocated."""
+    """Preallocated keys and values (rows, n_kv_heads, slots, head_dim), so that nothing is reallocated while
+    decoding. Each row of a batch writes its new keys and values at its own slots: rows decode side by side at
+    different lengths."""
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+    def __init__(self, rows: int, slots: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        shape = (rows, n_kv_heads, slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: Tensor, k: Tensor, v: Tensor, used: int) -> tuple[Tensor, Tensor]:
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
-        return self.k[:, :, :used], self.v[:, :, :used]
+    def update(self, slots: Tensor, k: Tensor, v: Tensor, used: int, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Writes k and v (B, n_kv_heads, T, head_dim) at slots (B, T) of the cache rows `rows` (B,), or of rows
+        0..B-1 when rows is None, and returns those rows' first `used` slots. Rows 0..B-1 are a view; other rows
+        are gathered, a copy."""
+        index = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        self.k[index[:, None], :, slots] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[index[:, None], :, slots] = v.transpose(1, 2).to(self.v.dtype)
+        if rows is None:
+            return self.k[: k.shape[0], :, :used], self.v[: k.shape[0], :, :used]
+        return self.k[rows, :, :used], self.v[rows, :, :used]
 
 
 class Attention(nn.Module):
@@ -121,7 +128,15 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # q, k and v in one product: see Transformer.fuse_projections
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache_slots: Tensor | None):
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache_slots: Tensor | None,
+        cache_rows: Tensor | None,
+    ):
         B, T, _ = x.shape
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -134,7 +149,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dtype = attention_dtype(x)
         if cache_slots is not None:
-            k, v = self.cache.update(cache_slots, k, v, used=mask.shape[-1])
+            k, v = self.cache.update(cache_slots, k, v, mask.shape[-1], cache_rows)
         y = F.scaled_dot_product_attention(
             q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
@@ -245,8 +260,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache_slots: Tensor | None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache_slots: Tensor | None,
+        cache_rows: Tensor | None,
+    ):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots, cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -271,40 +294,47 @@ class Transformer(nn.Module):
         mask: Tensor | None = None,
         cache_slots: Tensor | None = None,
         labels: Tensor | None = None,
+        cache_rows: Tensor | None = None,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or with `labels` the summed cross-entropy over labels that
         are not -100 (labels are already aligned with the logits: shift before calling).
 
         positions (B, T): RoPE positions, default 0..T-1; restart them per document for packed rows.
         mask: boolean, broadcastable to (B, 1, T, S), True where a query may attend a key; default causal.
-        cache_slots (T,): with a KV cache set up, the cache slots the new keys go to; S is then the mask's
-        last dimension, the number of cache slots in use.
+        cache_slots (B, T): with a KV cache set up, the cache slots each row's new keys go to; S is then the
+        mask's last dimension, the number of cache slots read (default: up to the last slot written, causal).
+        cache_rows (B,): the cache rows the batch's rows use (default 0..B-1, the only choice that copies nothing).
+        logits_at (B,): only the logits at this position of each row, (B, 1, vocab): the others would be thrown
+        away, and the output layer is a large share of a small model.
         """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         if cache_slots is not None and mask is None:
-            used = torch.arange(int(cache_slots[-1]) + 1, device=tokens.device)
-            mask = used[None, :] <= cache_slots[:, None]
+            used = torch.arange(int(cache_slots.max()) + 1, device=tokens.device)
+            mask = (used <= cache_slots[..., None])[:, None]
         h = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache_slots)
+            h = layer(h, cos, sin, mask, cache_slots, cache_rows)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]
         h = self.norm(h)
         if labels is None:
             return self.lm_head(h)
         return chunked_cross_entropy(h, self.lm_head.weight, labels)
 
-    def setup_cache(self, batch_size: int, max_len: int) -> int:
-        """A KV cache for every layer, in the dtype attention runs in, of at least max_len slots; returns its
-        length. The cache the model has is kept when it has batch_size rows and enough slots: a compiled
-        decoding step is specialised to its buffers and would compile again for new ones."""
+    def setup_cache(self, rows: int, slots: int) -> None:
+        """A KV cache of rows x slots for every layer, in the dtype attention runs in. The cache the model has is
+        kept when it has that shape: a compiled decoding step is specialised to its buffers and would compile
+        again for new ones."""
         p, a = self.embed_tokens.weight, self.args
         cache = self.layers[0].self_attn.cache
-        if cache is not None and cache.k.shape[0] == batch_size and cache.k.shape[2] >= max_len:
-            return cache.k.shape[2]
+        if cache is not None and cache.k.shape[0] == rows and cache.k.shape[2] == slots:
+            return
+        self.clear_cache()  # the old cache's memory is free before the new one is allocated
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, attention_dtype(p), p.device)
-        return max_len
+            layer.self_attn.cache = KVCache(rows, slots, a.n_kv_heads, a.head_dim, attention_dtype(p), p.device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:

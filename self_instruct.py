@@ -11,9 +11,10 @@ writes gen/regen.json (the original's records, rewritten after every request and
 gen/regen_progress.json (the requests taken so far, the items parsed and the tokens used) and, at the end,
 gen/alpaca_data.json (instruction, input, output), which `train.py --data_path` reads as it is.
 
-With --max_concurrency N, up to N calls are in flight. Request n's prompts depend only on --seed and n, and the
-answers are taken in request order, so the output is the same for every N, and a run resumed after a kill
-gives what the uninterrupted run would have.
+With --max_concurrency N, up to N calls are in flight: to the endpoint, or with --model_path to our decoding
+engine, which decodes their prompts side by side, each answer sampled from a seed of its own. Request n's prompts
+depend only on --seed and n, and the answers are taken in request order, so the output is the same for every N,
+and a run resumed after a kill gives what the uninterrupted run would have.
 """
 
 import argparse
@@ -28,17 +29,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
-from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import write_json
 from cli import ArgumentParser
 from data import decode_text, json_lines
-from generate import add_model_flags, generate_ids, load_for_decoding, load_tokenizer
+from engine import Engine, Request, check_prompt_lengths, row_seeds
 from http_client import error_message, is_worth_retrying, post_json, retry_pause
-from model import Transformer
+from loading import add_model_flags, load_for_decoding, load_tokenizer
 from tokenizer import Tokenizer
 
 Answer = tuple[list[dict], dict]  # choices {text, finish_reason}, usage {prompt_tokens, completion_tokens}
@@ -459,37 +460,38 @@ def choice_text(choice: object, is_chat: bool) -> str | None:
 
 
 def complete_locally(
-    model: Transformer, tokenizer: Tokenizer, decode_step: Callable[..., Tensor] | None, prompts: list[str],
-    temperature: float, top_p: float, seed: int | None, stop: list[str],
+    engine: Engine, tokenizer: Tokenizer, prompts: list[str], temperature: float, top_p: float, seed: int | None,
+    stop: list[str],
 ) -> Answer:  # fmt: skip
     """The completions ({text, finish_reason}) of our checkpoint, and the tokens read and written, as an endpoint
     would give them: each text ends before its first stop string ("stop"), at EOS ("stop"), or when MAX_TOKENS
-    or the model's context ran out ("length")."""
+    or the model's context ran out ("length"). The engine runs in its own thread (Engine.start), and calls from
+    several threads are decoded side by side."""
     prompt_ids = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
-    so_far: list[list[int]] = [[] for _ in prompts]
-    stopped = [False] * len(prompts)
+    check_prompt_lengths(prompt_ids, engine.max_len)
 
-    def watch_for_stops(tokens: list[int]) -> list[bool]:
-        for i, token in enumerate(tokens):
-            if not stopped[i]:
-                so_far[i].append(token)
-                # Only the last tokens can hold a stop string just completed: decoding all would be quadratic.
-                stopped[i] = any(s in tokenizer.decode(so_far[i][-STOP_WINDOW:]) for s in stop)
-        return stopped
+    def watch_for_stops(request: Request, token: int, logits: None) -> bool:
+        # Only the last tokens can hold a stop string just completed: decoding all would be quadratic.
+        return any(s in tokenizer.decode(request.output_ids[-STOP_WINDOW:]) for s in stop)
 
-    answers = generate_ids(
-        model, prompt_ids, MAX_TOKENS, tokenizer.eos_id, temperature, top_p, seed=seed,
-        on_token=watch_for_stops, decode_step=decode_step,
-    )  # fmt: skip
+    requests = [
+        Request(ids, MAX_TOKENS, temperature, top_p, seed=row_seed)
+        for ids, row_seed in zip(prompt_ids, row_seeds(seed, len(prompt_ids)), strict=True)
+    ]
+    for request in requests:
+        request.on_token = partial(watch_for_stops, request)
+    engine.submit(requests)
     choices = []
-    for ids, answer in zip(prompt_ids, answers, strict=True):
-        text = tokenizer.decode(answer)
+    for request in requests:
+        request.ended.wait()
+        if request.finish_reason == "error":
+            raise RuntimeError(f"decoding failed: {request.error}")
+        text = tokenizer.decode(request.output_ids)
         cut = min((text.find(s) for s in stop if s in text), default=None)
-        ran_out = len(answer) >= min(MAX_TOKENS, model.args.max_seq_len - len(ids))
-        finish_reason = "length" if cut is None and ran_out else "stop"
+        finish_reason = "length" if cut is None and request.finish_reason == "length" else "stop"
         choices.append({"text": text if cut is None else text[:cut], "finish_reason": finish_reason})
-    usage = {"prompt_tokens": sum(map(len, prompt_ids)), "completion_tokens": sum(map(len, answers))}
-    return choices, usage
+    completion_tokens = sum(len(request.output_ids) for request in requests)
+    return choices, {"prompt_tokens": sum(map(len, prompt_ids)), "completion_tokens": completion_tokens}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -548,7 +550,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the key comes from OPENAI_API_KEY")  # fmt: skip
     parser.add_argument("--model_name", default="text-davinci-003", help="with --api_base (default: text-davinci-003)")
     add_model_flags(parser)  # --model_path: our own checkpoint instead, decoded as generate.py does
-    parser.set_defaults(compile=False)
+    parser.add_argument("--compile", action="store_true", help="with --model_path: compile the decoding steps in a "
+                        "process of their own while decoding goes on uncompiled, each used once it is ready "
+                        "(minutes the first time; kept on disk for later runs)")  # fmt: skip
     parser.add_argument("--num_prompt_instructions", type=int, default=3, help="seed tasks per prompt (default: 3)")
     parser.add_argument("--request_batch_size", type=int, default=5, help="prompts per request (default: 5)")
     parser.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0)")
@@ -561,8 +565,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --api_base: a request's prompts go to /completions in one call, as the "
                         "original sent them, or each as one user message to /chat/completions "
                         "(default: completions)")  # fmt: skip
-    parser.add_argument("--max_concurrency", type=int, default=1, help="with --api_base: calls in flight at once; "
-                        "the output does not depend on it (default: 1)")  # fmt: skip
+    parser.add_argument("--max_concurrency", type=int, default=1, help="calls in flight at once (with "
+                        "--model_path: requests decoded side by side); the output does not depend on it "
+                        "(default: 1)")  # fmt: skip
 
     args = parser.parse_args(argv)
     if (args.api_base is None) == (args.model_path is None):
@@ -573,9 +578,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ):  # fmt: skip
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.model_path is not None and (args.max_concurrency > 1 or args.api_type != "completions"):
-        raise ValueError("--max_concurrency and --api_type are for --api_base: --model_path decodes one request at "
-                         "a time (serve.py, with --api_base, decodes the requests in flight together)")  # fmt: skip
+    if args.model_path is not None and args.api_type != "completions":
+        raise ValueError("--api_type is for --api_base: --model_path decodes a request's prompts as the "
+                         "completions endpoint does")  # fmt: skip
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -591,11 +596,14 @@ def make_backend(args: argparse.Namespace, throttle: Throttle) -> Complete:
             args.api_base, args.api_type, args.model_name, args.temperature, args.top_p, api_key, throttle
         )
         return lambda prompts, seed, turn: complete_over_http(endpoint, prompts, turn)
-    # The way generate.py loads a checkpoint, with its defaults for the device and the dtype.
+    # The way generate.py loads a checkpoint, with its defaults for the device and the dtype; --compile builds
+    # the compiled steps in the background, the engine decoding uncompiled until each is ready.
     _, tokenizer = load_tokenizer(args)
-    model, decode_step = load_for_decoding(args)
+    model, compiled = load_for_decoding(args, in_background=True)
+    engine = Engine(model, tokenizer.eos_id, args.request_batch_size * args.max_concurrency, compiled=compiled)
+    engine.start()
     return lambda prompts, seed, turn: complete_locally(
-        model, tokenizer, decode_step, prompts, args.temperature, args.top_p, seed, STOP
+        engine, tokenizer, prompts, args.temperature, args.top_p, seed, STOP
     )
 
 

@@ -13,15 +13,19 @@ GET /health, and GET / for the chat page.
 on chat) gives each token's log_softmax of the model's logits before temperature, in OpenAI's shapes; `echo` on
 completions gives the prompt's tokens too, each scored by the prefill's logits at the position before it.
 
-One thread owns the model and decodes. Each HTTP request's thread puts a Job per prompt on a queue and reads the
-answer back from the job's own queue. The jobs waiting when a batch starts are decoded together (up to
---max_batch_size), each row with its own temperature, top_p, seed, max_tokens and stop strings, so a greedy
-answer does not depend on its neighbours. A job whose client has gone away, or whose time is up, is finished at
-the next token; a new job waits for the running batch to end.
+One thread owns the model and runs the decoding engine (engine.py), which schedules per step: a request joins the
+running batch at the next step (its prompt prefilled a chunk at a time beside the rows already decoding) and
+leaves it when its answer ends, so a short answer never waits for a long one. Each request's thread makes a Job
+per prompt, submits their engine Requests and reads the answers back from the jobs' own queue; each row keeps its
+own temperature, top_p, seed, max_tokens and stop strings, so an answer does not depend on its neighbours. Past
+--max_batch_size rows and --max_queue waiting, a request gets 429 with Retry-After at once. A job whose client has
+gone away leaves at the next step; one whose time is up at its next token. --api_key guards /v1/*.
 """
 
 import argparse
 import codecs
+import hmac
+import ipaddress
 import json
 import os
 import queue
@@ -32,6 +36,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,22 +46,13 @@ from torch import Tensor
 
 from cli import ArgumentParser
 from data import format_prompt
-from generate import (
-    TextStream,
-    add_model_flags,
-    check_prompt_lengths,
-    generate_ids,
-    load_for_decoding,
-    load_tokenizer,
-    model_path_or_default,
-    sample,
-)
-from model import Transformer
+from engine import Engine, QueueFull, Request, TextStream, check_prompt_lengths
+from loading import add_model_flags, load_for_decoding, load_tokenizer, model_path_or_default
 from tokenizer import PAD_PIECE, Tokenizer
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20
-GATHER_SECONDS = 0.02  # how long a new batch waits for requests sent at the same moment as its first
+RETRY_AFTER_SECONDS = 1  # what a 429 asks a client to wait: rows free up as answers end, a step at a time
 ROUTES = {"/": "GET", "/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers may fill the context
 
@@ -69,10 +65,10 @@ class RequestError(Exception):
 
 @dataclass
 class Job:
-    """One answer to produce. The request thread fills the first fields; the decoding thread owns the rest and
-    reports to `events`: ("text", index, text, tokens) as the answer grows (tokens: the TokenLogprobs of the tokens
-    whose text starts in it, with logprobs wanted), then ("end", index, finish_reason), or ("error", index,
-    message)."""
+    """One answer to produce: the engine's Request, and what the HTTP side makes of its tokens. The request thread
+    fills the first fields; the engine's thread, through the request's callbacks, the rest, and reports to
+    `events`: ("text", index, text, tokens) as the answer grows (tokens: the TokenLogprobs of the tokens whose
+    text starts in it, with logprobs wanted), then ("end", index, finish_reason), or ("error", index, message)."""
 
     index: int  # the choice's index in its response
     prompt_ids: list[int]
@@ -86,119 +82,76 @@ class Job:
     deadline: float  # time.monotonic() at which the answer is cut
     events: queue.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
+    request: Request | None = None
     stream: TextStream | None = None
-    generator: torch.Generator | None = None
     text: str = ""
     sent: int = 0  # characters of text already put on events
     offset: int = 0  # characters before the answer in the choice's text: the echoed prompt's
     tokens: list["TokenLogprob"] = field(default_factory=list)  # the answer's tokens, with logprobs wanted
     tokens_sent: int = 0
     scores: tuple[Tensor, Tensor, Tensor] | None = None  # logprobs_of the token just picked, for advance
+    prompt_scores: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # the echo's, chunk by chunk
+    prompt_scored: int = 0  # prompt positions whose logits have come
     n_tokens: int = 0
     done: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoding thread
+# The engine's callbacks, in its thread
 
 
-def decode_forever(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    decode_step,
-    jobs: queue.Queue,
-    max_batch_size: int,
-    stopping: threading.Event,
-) -> None:
-    """Decodes the jobs that come, a batch at a time, until `stopping` is set (a None job wakes it to see that)."""
-    while not stopping.is_set():
-        batch = next_batch(jobs, max_batch_size)
-        if not batch:
-            continue
-        try:
-            decode_batch(model, tokenizer, decode_step, batch, stopping)
-        except Exception as e:  # a bug fails the requests of its batch, not the server
-            for job in batch:
-                if not job.done:
-                    job.events.put(("error", job.index, f"decoding failed: {type(e).__name__}: {e}"))
+def engine_request(job: Job, tokenizer: Tokenizer) -> Request:
+    """The Request that decodes job's answer. An echo starts the choice with the prompt's text: at once, or with
+    logprobs wanted once the prompt's logits have scored its tokens (score_prompt)."""
+    job.stream = TextStream(tokenizer)
+    if job.echo is not None:
+        job.offset = len(job.echo)
+        if job.logprobs is None:
+            job.events.put(("text", job.index, job.echo, []))
+    scored_echo = job.echo is not None and job.logprobs is not None
+    return Request(
+        job.prompt_ids, job.max_tokens, job.temperature, job.top_p, 0, job.seed,
+        on_token=partial(take_token, job, tokenizer), logits=job.logprobs is not None,
+        on_prompt_logits=partial(score_prompt, job, tokenizer) if scored_echo else None,
+        on_end=partial(finish, job), cancelled=job.cancelled,
+    )  # fmt: skip
 
 
-def next_batch(jobs: queue.Queue, max_batch_size: int) -> list[Job]:
-    """The next job to come, with those waiting or arriving within GATHER_SECONDS, less any already cancelled."""
-    batch = [jobs.get()]
-    gather_until = time.monotonic() + GATHER_SECONDS
-    while len(batch) < max_batch_size:
-        try:
-            batch.append(jobs.get(timeout=max(0.0, gather_until - time.monotonic())))
-        except queue.Empty:
-            break
-    return [job for job in batch if job is not None and not job.cancelled.is_set()]
+def take_token(job: Job, tokenizer: Tokenizer, token: int, logits: Tensor | None) -> bool:
+    """The next token of job's answer, EOS included, with the logits it was drawn from if logprobs are wanted;
+    True once the answer is over."""
+    if logits is not None:
+        job.scores = logprobs_of(logits[None], torch.tensor([token], device=logits.device), job.logprobs)
+    return advance(job, token, tokenizer)
 
 
-def decode_batch(
-    model: Transformer, tokenizer: Tokenizer, decode_step, batch: list[Job], stopping: threading.Event
-) -> None:
-    device = model.embed_tokens.weight.device
-    for job in batch:
-        job.stream = TextStream(tokenizer)
-        job.generator = torch.Generator(device=device)
-        if job.seed is None:
-            job.generator.seed()
-        else:
-            job.generator.manual_seed(job.seed)
-
-    def sample_rows(logits: Tensor) -> Tensor:
-        # Row by row, each with its own settings and generator: a seeded answer does not depend on its neighbours.
-        tokens = torch.cat(
-            [sample(logits[i : i + 1], job.temperature, job.top_p, 0, job.generator) for i, job in enumerate(batch)]
-        )
-        for i, job in enumerate(batch):
-            if job.logprobs is not None and not job.done:
-                job.scores = logprobs_of(logits[i : i + 1], tokens[i : i + 1], job.logprobs)
-        return tokens
-
-    def echo_prompts(logits: Tensor) -> None:
-        for i, job in enumerate(batch):
-            if job.echo is not None:
-                echo_prompt(job, logits[i, logits.shape[1] - len(job.prompt_ids) :], tokenizer)
-
-    def on_token(tokens: list[int]) -> list[bool]:
-        if stopping.is_set():
-            return [True] * len(batch)
-        return [advance(job, token, tokenizer) for job, token in zip(batch, tokens, strict=True)]
-
-    generate_ids(
-        model,
-        [job.prompt_ids for job in batch],
-        max(job.max_tokens for job in batch),
-        tokenizer.eos_id,
-        on_token=on_token,
-        decode_step=decode_step,
-        sample_next=sample_rows,
-        on_prompt_logits=echo_prompts if any(job.echo is not None for job in batch) else None,
-    )
+def score_prompt(job: Job, tokenizer: Tokenizer, logits: Tensor) -> None:
+    """Scores the echoed prompt's tokens a chunk of its positions at a time (logits (chunk, vocab)), each token by
+    the logits at the position before it; once the whole prompt has run, starts the choice with it."""
+    start = job.prompt_scored
+    predicted = torch.tensor(job.prompt_ids[start + 1 : start + 1 + len(logits)], device=logits.device)
+    job.prompt_scores.append(logprobs_of(logits[: len(predicted)], predicted, job.logprobs))
+    job.prompt_scored += len(logits)
+    if job.prompt_scored == len(job.prompt_ids):  # (the last position predicts the answer, not the prompt)
+        scores = [torch.cat(parts) for parts in zip(*job.prompt_scores, strict=True)]
+        job.events.put(("text", job.index, job.echo, prompt_token_logprobs(tokenizer, job.prompt_ids, *scores)))
 
 
-def echo_prompt(job: Job, logits: Tensor, tokenizer: Tokenizer) -> None:
-    """Starts job's choice with its prompt, from the prompt's logits (len(prompt_ids), vocab): its text, and with
-    logprobs wanted its tokens, each scored at the position before it. An answer of no tokens ends there."""
-    tokens = []
-    if job.logprobs is not None:
-        ids = job.prompt_ids
-        scores = logprobs_of(logits[:-1], torch.tensor(ids[1:], device=logits.device), job.logprobs)
-        tokens = prompt_token_logprobs(tokenizer, ids, *scores)
-    job.offset = len(job.echo)
-    job.events.put(("text", job.index, job.echo, tokens))
-    if job.max_tokens == 0:
-        end(job, "length")
+def finish(job: Job, request: Request) -> None:
+    """The end of job's request, if advance has not ended the answer itself: the engine has failed it, the client
+    has gone, or max_tokens has run out without a token (max_tokens 0: the prompt's logprobs alone)."""
+    if job.done:
+        return
+    job.done = True
+    if request.finish_reason == "error":
+        job.events.put(("error", job.index, f"decoding failed: {request.error}"))
+    elif request.finish_reason != "cancelled":
+        add_text(job, job.stream.finish()) or end(job, "stop" if request.finish_reason == "stop" else "length")
 
 
 def advance(job: Job, token: int, tokenizer: Tokenizer) -> bool:
     """Takes the next token of job's answer; True once the answer is over."""
     if job.done:
-        return True
-    if job.cancelled.is_set():  # nobody reads the answer any more
-        job.done = True
         return True
     if token == tokenizer.eos_id:
         if add_text(job, job.stream.finish()):
@@ -445,11 +398,14 @@ def make_jobs(body: dict, prompts: list[str | list[int]], is_chat: bool, server:
     events = queue.Queue()
     deadline = time.monotonic() + server.request_timeout
     max_tokens = max_seq_len if max_tokens is None else max_tokens
-    return [
+    jobs = [
         Job(i, ids, min(max_tokens, max_seq_len - len(ids)), float(temperature), float(top_p), seed, stop, logprobs,
             (tokenizer.decode(prompt) if isinstance(prompt, list) else prompt) if echo else None, deadline, events)
         for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids, strict=True))
     ]  # fmt: skip
+    for job in jobs:
+        job.request = engine_request(job, tokenizer)
+    return jobs
 
 
 def chat_logprobs_field(body: dict) -> tuple[int | None, bool]:
@@ -477,6 +433,9 @@ def completion_logprobs_field(body: dict) -> tuple[int | None, bool]:
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a request still streaming does not hold up shutdown
+    # The listen backlog (socketserver's default is 5): a burst of clients waits to be accepted, and answered, if
+    # need be with a 429, instead of having its connections reset. The kernel caps it at net.core.somaxconn.
+    request_queue_size = 1024
 
     def __init__(
         self,
@@ -486,39 +445,38 @@ class Server(ThreadingHTTPServer):
         max_seq_len: int,
         vocab_size: int,
         timeout: float,
+        api_key: str | None = None,
     ):
         self.model_id, self.tokenizer, self.max_seq_len, self.vocab_size = model_id, tokenizer, max_seq_len, vocab_size
-        self.request_timeout = timeout
+        self.request_timeout, self.api_key = timeout, api_key
         self.created = int(time.time())
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.page = CHAT_PAGE.read_bytes()
-        self.stopping = threading.Event()
-        self.decoder: threading.Thread | None = None
+        self.engine: Engine | None = None
         super().__init__(address, Handler)  # last: a failed bind calls server_close, which needs the above
 
-    def start_decoding(self, model: Transformer, decode_step, max_batch_size: int) -> None:
-        args = (model, self.tokenizer, decode_step, self.jobs, max_batch_size, self.stopping)
-        self.decoder = threading.Thread(target=decode_forever, args=args, daemon=True)
-        self.decoder.start()
+    def start_decoding(self, engine: Engine) -> None:
+        self.engine = engine
+        engine.start()
 
     def server_close(self) -> None:
-        """Closes the socket and ends the decoding thread after its current step: a thread left inside torch
-        when the interpreter exits can abort the process."""
+        """Closes the socket and ends the engine's thread."""
         super().server_close()
-        if self.decoder is not None:
-            self.stopping.set()
-            self.jobs.put(None)
-            self.decoder.join()
+        if self.engine is not None:
+            self.engine.stop()
 
 
 class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"  # keep-alive for the non-streamed answers, which carry a Content-Length
     timeout = 60  # seconds a client may stall mid-request, or stop reading a stream, before its thread gives up
-    error_types = {404: "not_found_error", 405: "method_not_allowed", 413: "request_too_large"}
+    # OpenAI's error types and codes where it has its own; the rest as other servers name them.
+    error_types = {404: "not_found_error", 405: "method_not_allowed", 413: "request_too_large", 429: "requests"}
+    error_codes = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
     def do_GET(self) -> None:
         route = self.path.split("?")[0]
+        if not self.authorized(route):
+            return
         if route == "/":
             self.send_body(200, self.server.page, "text/html; charset=utf-8")
         elif route == "/health":
@@ -529,8 +487,22 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_route_error(route)
 
+    def authorized(self, route: str) -> bool:
+        """With an API key, /v1/* asks for `Authorization: Bearer KEY`, as OpenAI and vLLM do; answers 401 if not."""
+        key = self.server.api_key
+        if key is None or not route.startswith("/v1/"):
+            return True
+        given = self.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return True
+        what = "an incorrect API key" if given else "no API key"
+        self.send_error(401, f"{what} was given: send the header 'Authorization: Bearer KEY'")
+        return False
+
     def do_POST(self) -> None:
         route = self.path.split("?")[0]
+        if not self.authorized(route):
+            return
         if route not in ("/v1/completions", "/v1/chat/completions"):
             self.send_route_error(route)
             return
@@ -545,8 +517,12 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             self.send_error(e.status, str(e))
             return
-        for job in jobs:
-            self.server.jobs.put(job)
+        try:
+            self.server.engine.submit([job.request for job in jobs])
+        except QueueFull as e:
+            message = f"the server is busy ({e}): retry after {RETRY_AFTER_SECONDS} s"
+            self.send_error(429, message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return
         try:
             if stream:
                 self.stream_answers(jobs, is_chat, include_usage)
@@ -559,7 +535,9 @@ class Handler(BaseHTTPRequestHandler):
                 job.cancelled.set()
 
     def do_PUT(self) -> None:
-        self.send_route_error(self.path.split("?")[0])
+        route = self.path.split("?")[0]
+        if self.authorized(route):
+            self.send_route_error(route)
 
     do_DELETE = do_PATCH = do_PUT
 
@@ -666,22 +644,29 @@ class Handler(BaseHTTPRequestHandler):
     def send_event(self, obj: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
-    def send_json(self, status: int, obj: dict) -> None:
-        self.send_body(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
+    def send_json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
+        self.send_body(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", headers)
 
-    def send_body(self, status: int, body: bytes, content_type: str) -> None:
+    def send_body(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         """Every error as OpenAI's JSON error object, also those http.server sends itself (a malformed request).
         The connection ends with it: after a malformed request, what follows on it cannot be trusted."""
         self.close_connection = True
-        error_type = self.error_types.get(code, "server_error" if code >= 500 else "invalid_request_error")
-        self.send_json(code, {"error": {"message": message or HTTPStatus(code).phrase, "type": error_type}})
+        error = {"message": message or HTTPStatus(code).phrase}
+        error["type"] = self.error_types.get(code, "server_error" if code >= 500 else "invalid_request_error")
+        if code in self.error_codes:
+            error["code"] = self.error_codes[code]
+        self.send_json(code, {"error": error}, headers)
 
 
 def chunk_choice(
@@ -726,49 +711,89 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free one)")
-    parser.add_argument("--max_batch_size", type=int, default=8, help="answers decoded together (default: 8)")
+    parser.add_argument(
+        "--max_batch_size", type=int, default=8,
+        help="answers decoded together, each in a row of the KV cache, which is allocated for them all at start "
+        "(default: 8)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max_queue", type=int, default=64,
+        help="answers that may wait for a row; past them, a request is refused at once with 429 and Retry-After "
+        "(default: 64)",
+    )  # fmt: skip
     parser.add_argument(
         "--timeout", type=float, default=600, help="seconds a request may take; its answer ends there (default: 600)"
     )
-    # generate.load_for_decoding reads --compile, which is not offered: every new batch size would compile again.
-    parser.set_defaults(compile=False)
+    parser.add_argument(
+        "--api_key", default=os.environ.get("ALPACA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $ALPACA_API_KEY; none: no key asked). The chat "
+        "page asks for it once and keeps it in the browser",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="compile the decoding steps for batch sizes 1, 2, 4, ... up to --max_batch_size, in a process of "
+        "their own, while the server decodes uncompiled; each is used once it is ready. The first time takes "
+        "minutes a batch size; they are kept on disk (TORCHINDUCTOR_CACHE_DIR), and a later start loads them in "
+        "seconds",
+    )  # fmt: skip
 
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max_queue must be >= 0, got {args.max_queue}")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+    if args.api_key == "":
+        raise ValueError("--api_key is empty (or $ALPACA_API_KEY is set to nothing): give a key, or none")
     args.model_path = model_path_or_default(args.model_path)
     return args
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def build_server(args: argparse.Namespace) -> Server:
-    """Binds the server, loads the model as generate.py does and starts the decoding thread; serve_forever()
-    then serves, and server_close() ends it all."""
+    """Binds the server, loads the model as generate.py does and starts the decoding engine's thread;
+    serve_forever() then serves, and server_close() ends it all."""
     model_args, tokenizer = load_tokenizer(args)
     model_id = os.path.basename(os.path.normpath(args.model_path))
     try:  # before the slow load, so that a port in use fails fast
         server = Server(
-            (args.host, args.port), model_id, tokenizer, model_args.max_seq_len, model_args.vocab_size, args.timeout
-        )
+            (args.host, args.port), model_id, tokenizer, model_args.max_seq_len, model_args.vocab_size, args.timeout,
+            args.api_key,
+        )  # fmt: skip
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
     try:
-        model, decode_step = load_for_decoding(args)
+        model, compiled = load_for_decoding(args, in_background=True)
+        engine = Engine(model, tokenizer.eos_id, args.max_batch_size, args.max_queue, compiled=compiled)
     except BaseException:
         server.server_close()
         raise
-    server.start_decoding(model, decode_step, args.max_batch_size)
+    server.start_decoding(engine)
     return server
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        server = build_server(parse_args(argv))
+        args = parse_args(argv)
+        server = build_server(args)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     host, port = server.server_address[:2]
     print(f"serving {server.model_id} on http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    engine = server.engine
+    rows, per_row = engine.max_batch_size, engine.cache_bytes_per_row()
+    print(f"KV cache: {rows} rows of {engine.max_len} positions, {per_row / 2**20:.1f} MiB a row, "
+          f"{rows * per_row / 2**30:.2f} GiB in all", file=sys.stderr, flush=True)  # fmt: skip
+    if args.api_key is None and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} with no --api_key: anyone who can reach it can use the model",
+              file=sys.stderr, flush=True)  # fmt: skip
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 batch 1, in one process. Each side is warmed up, then timed several times in alternation (so that a noisy
 neighbour slows all alike); tokens/s counts the whole call, prefill included. generate.py runs as its command
 line does on the CPU (weights oneDNN-packed, q/k/v and gate/up fused: `use_cpu_decoding_layout`), with
-`--compile` (`compile_decoding`; its first call, which compiles, is timed apart and left out) and, to show what
+`--compile` (`optimize.CompiledSteps`; its first call, which compiles, is timed apart and left out) and, to show what
 the CPU layout is worth, as loaded.
 
     python bench/bench_generate.py --dim 512 --threads 1 --runs 7
@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import load_model  # noqa: E402
 from data import format_prompt  # noqa: E402
-from generate import compile_decoding, generate_ids, use_cpu_decoding_layout  # noqa: E402
+from engine import generate_ids  # noqa: E402
+from optimize import CompiledSteps, use_cpu_decoding_layout  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 TOKENIZER = ROOT.parent / "shared" / "data" / "llama_tokenizer.model"
@@ -59,7 +60,7 @@ def main() -> None:
     finally:
         shutil.rmtree(model_dir)
     use_cpu_decoding_layout(model)  # as generate.py's command line does on the CPU
-    decode_step = compile_decoding(compiled)  # as --compile does
+    compiled_steps = CompiledSteps(compiled)  # as --compile does
     tokenizer = Tokenizer(str(TOKENIZER))
     prompt = tokenizer.encode(format_prompt("Give three tips for staying healthy."), bos=True)
     n = args.new_tokens
@@ -68,7 +69,7 @@ def main() -> None:
         return generate_ids(model, [prompt], n, tokenizer.eos_id)[0]
 
     def ours_compiled() -> list[int]:
-        return generate_ids(compiled, [prompt], n, tokenizer.eos_id, decode_step=decode_step)[0]
+        return generate_ids(compiled, [prompt], n, tokenizer.eos_id, compiled=compiled_steps)[0]
 
     def ours_as_loaded() -> list[int]:
         return generate_ids(as_loaded, [prompt], n, tokenizer.eos_id)[0]

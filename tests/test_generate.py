@@ -1,5 +1,5 @@
-"""generate.py: greedy decoding against transformers' generate, batching, the context limit, sampling, streaming
-text and the command line."""
+"""The engine's batch API and generate.py: greedy decoding against transformers' generate, batching, the context
+limit, sampling, streaming text and the command line."""
 
 import io
 import json
@@ -11,10 +11,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+import engine
 import generate
 from checkpoint import load_model
 from data import format_prompt
-from generate import AOTDecodeStep, TextStream, compile_decoding, generate_ids, sample, use_cpu_decoding_layout
+from engine import TextStream, generate_ids, sample
+from optimize import CompiledSteps, library_path, use_cpu_decoding_layout, weights_digest
 from tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 128
@@ -43,14 +45,14 @@ def encode_all(tokenizer, prompts):
 def test_greedy_matches_transformers(model_dir, tokenizer, layout):
     reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model = load_model(str(model_dir))
-    decode_step = None
+    compiled = None
     if layout == "cpu decoding layout":  # what the command line does on the CPU
         use_cpu_decoding_layout(model)
         assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # all oneDNN-packed
     elif layout == "compiled":  # --compile
-        decode_step = compile_decoding(model)
+        compiled = CompiledSteps(model)
     prompt_ids = encode_all(tokenizer, PROMPTS)
-    ours = generate_ids(model, prompt_ids, 64, tokenizer.eos_id, decode_step=decode_step)  # one batch, left-padded
+    ours = generate_ids(model, prompt_ids, 64, tokenizer.eos_id, compiled=compiled)  # one batch
     for ids, answer in zip(prompt_ids, ours, strict=True):
         with torch.inference_mode():
             out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64, pad_token_id=0)
@@ -85,7 +87,7 @@ def test_bf16_compiled_decoding_agrees_with_transformers(model_dir, tokenizer):
     reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     model = load_model(str(model_dir), dtype=torch.bfloat16)
     prompt_ids = encode_all(tokenizer, PROMPTS[:1])
-    answer = generate_ids(model, prompt_ids, 32, eos_id=-1, decode_step=compile_decoding(model))[0]
+    answer = generate_ids(model, prompt_ids, 32, eos_id=-1, compiled=CompiledSteps(model))[0]
     with torch.inference_mode():
         logits = reference(torch.tensor([prompt_ids[0] + answer])).logits[0]
     expected = logits[len(prompt_ids[0]) - 1 : -1].argmax(-1)
@@ -108,12 +110,11 @@ def test_on_token_can_finish_a_row(model, tokenizer):
     """A row that on_token finishes (a stop string, a reader gone) keeps its tokens so far; the others go on."""
     prompt_ids = encode_all(tokenizer, PROMPTS)
     full = generate_ids(model, prompt_ids, 12, tokenizer.eos_id)
-    steps = 0
+    tokens = [0, 0, 0]
 
-    def stop_second_row_after_three(tokens):
-        nonlocal steps
-        steps += 1
-        return [False, steps >= 3, False]
+    def stop_second_row_after_three(row, token):
+        tokens[row] += 1
+        return row == 1 and tokens[row] == 3
 
     cut = generate_ids(model, prompt_ids, 12, tokenizer.eos_id, on_token=stop_second_row_after_three)
     assert len(full[1]) == 12 and cut[1] == full[1][:3]
@@ -123,11 +124,11 @@ def test_on_token_can_finish_a_row(model, tokenizer):
 def test_compiled_step_is_reused_by_later_calls_and_runs(monkeypatch, tmp_path, model_dir, model, tokenizer):
     """On the CPU --compile compiles the step once into a library on disk. A later call with the same batch size
     and a shorter prompt + answer runs it as it is, and so does a later run (the model loaded again): no compile,
-    and still the uncompiled model's answers, left padding and an early EOS included."""
+    and still the uncompiled model's answers, prompts of different lengths and an early EOS included."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    compiled = load_model(str(model_dir))
-    decode_step = compile_decoding(compiled)
-    generate_ids(compiled, encode_all(tokenizer, PROMPTS), 32, tokenizer.eos_id, decode_step=decode_step)
+    compiled_model = load_model(str(model_dir))
+    compiled = CompiledSteps(compiled_model)
+    generate_ids(compiled_model, encode_all(tokenizer, PROMPTS), 32, tokenizer.eos_id, compiled=compiled)
     assert len(list(tmp_path.glob("decoding/*/step.so"))) == 1
     shorter = [tokenizer.encode(p, bos=True) for p in ["Hi", PROMPTS[0], PROMPTS[1]]]
     expected = generate_ids(model, shorter, 16, tokenizer.eos_id)
@@ -138,10 +139,10 @@ def test_compiled_step_is_reused_by_later_calls_and_runs(monkeypatch, tmp_path, 
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(torch._inductor, "aot_compile", no_compiling)
-    assert generate_ids(compiled, shorter, 16, tokenizer.eos_id, decode_step=decode_step) == expected
-    assert generate_ids(compiled, shorter, 16, eos, decode_step=decode_step) == expected_with_eos
+    assert generate_ids(compiled_model, shorter, 16, tokenizer.eos_id, compiled=compiled) == expected
+    assert generate_ids(compiled_model, shorter, 16, eos, compiled=compiled) == expected_with_eos
     later_run = load_model(str(model_dir))
-    assert generate_ids(later_run, shorter, 16, eos, decode_step=compile_decoding(later_run)) == expected_with_eos
+    assert generate_ids(later_run, shorter, 16, eos, compiled=CompiledSteps(later_run)) == expected_with_eos
     assert len(expected_with_eos[1]) <= 5
 
 
@@ -151,12 +152,13 @@ def test_compiled_steps_are_told_apart_by_model_and_batch(model_dir):
     same, changed = load_model(str(model_dir)), load_model(str(model_dir))
     with torch.no_grad():
         changed.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
-    path = AOTDecodeStep(load_model(str(model_dir))).library_path(1, 128)
-    assert AOTDecodeStep(same).library_path(1, 128) == path
-    assert AOTDecodeStep(changed).library_path(1, 128) != path
-    assert AOTDecodeStep(same).library_path(2, 128) != path
+    first = load_model(str(model_dir))
+    path = library_path(weights_digest(first), first, 1, 128)
+    assert library_path(weights_digest(same), same, 1, 128) == path
+    assert library_path(weights_digest(changed), changed, 1, 128) != path
+    assert library_path(weights_digest(same), same, 2, 128) != path
     same.args.rope_theta *= 2  # the same weights, another model
-    assert AOTDecodeStep(same).library_path(1, 128) != path
+    assert library_path(weights_digest(same), same, 1, 128) != path
 
 
 def test_context_limit(model, tokenizer):
@@ -173,8 +175,9 @@ def test_context_limit(model, tokenizer):
 
 NEW_PROMPT_LENGTH_EVERY_CALL = """
 import torch
-from generate import generate_ids, use_cpu_decoding_layout
+from engine import generate_ids
 from model import ModelArgs, Transformer, cap_cpu_kernel_caches
+from optimize import use_cpu_decoding_layout
 if CAPPED:
     cap_cpu_kernel_caches()
 torch.manual_seed(0)
@@ -196,7 +199,7 @@ def test_memory_stays_flat_for_prompts_of_new_lengths():
     growth = {}
     for capped in (False, True):
         script = f"CAPPED = {capped}\n" + NEW_PROMPT_LENGTH_EVERY_CALL
-        out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(generate.__file__),
+        out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(engine.__file__),
                              capture_output=True, text=True, check=True)  # fmt: skip
         at_80, at_150 = map(int, out.stdout.split())
         growth[capped] = at_150 / at_80
@@ -296,7 +299,7 @@ def test_text_stream_never_shows_half_a_character(tokenizer):
 
 def test_generate_returns_and_streams_the_answers(model, tokenizer):
     prompts = [format_prompt(p) for p in PROMPTS]
-    answers = generate.generate(model, tokenizer, prompts, max_new_tokens=32)
+    answers = engine.generate(model, tokenizer, prompts, max_new_tokens=32)
     expected = generate_ids(model, [tokenizer.encode(p, bos=True) for p in prompts], 32, tokenizer.eos_id)
     assert answers == [tokenizer.decode(ids) for ids in expected]
     streamed = ["" for _ in prompts]
@@ -304,7 +307,7 @@ def test_generate_returns_and_streams_the_answers(model, tokenizer):
     def on_text(i, text):
         streamed[i] += text
 
-    assert generate.generate(model, tokenizer, prompts, max_new_tokens=32, on_text=on_text) == answers
+    assert engine.generate(model, tokenizer, prompts, max_new_tokens=32, on_text=on_text) == answers
     assert streamed == answers
 
 
@@ -334,7 +337,7 @@ def run_cli(monkeypatch, args, stdin=""):
 
 
 def answer(model, tokenizer, prompt, max_new_tokens=40):
-    return generate.generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
+    return engine.generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
 
 
 def test_cli_streams_only_the_answer(monkeypatch, model_dir, model, tokenizer):

@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM
 
 import serve
 from data import format_prompt
-from generate import load_for_decoding
+from engine import Engine
+from loading import load_for_decoding
 from tokenizer import Tokenizer
 
 TOL = 1e-4
@@ -276,9 +277,11 @@ def test_a_batch_mixing_scoring_and_generating_answers_as_alone(server, client, 
         {"prompt": [[450, 7483], [1, 15043]], "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0},
     ]
     jobs = [serve.make_jobs(body, serve.completion_prompts(body, server.vocab_size), False, server) for body in bodies]
-    model, decode_step = load_for_decoding(serve.parse_args(["--model_path", str(model_dir)]))
+    model, _ = load_for_decoding(serve.parse_args(["--model_path", str(model_dir)]))
     batch = [job for request in jobs for job in request]
-    serve.decode_batch(model, server.tokenizer, decode_step, batch, threading.Event())
+    engine = Engine(model, server.tokenizer.eos_id, max_batch_size=len(batch))
+    engine.submit([job.request for job in batch])
+    engine.run_until_done()
     for body, request in zip(bodies, jobs, strict=True):
         events = request[0].events
         texts, tokens = [""] * len(request), [[] for _ in request]

@@ -129,12 +129,12 @@ def test_kv_cache_decoding_matches_full_forward(gqa_model):
     tokens = torch.randint(0, 97, (2, 40))
     full = our_logits(gqa_model, tokens)
     prompt = 8
-    gqa_model.setup_cache(batch_size=2, max_len=64)
+    gqa_model.setup_cache(rows=2, slots=64)
     try:
-        steps = [our_logits(gqa_model, tokens[:, :prompt], cache_slots=torch.arange(prompt))]
+        steps = [our_logits(gqa_model, tokens[:, :prompt], cache_slots=torch.arange(prompt).expand(2, -1))]
         for t in range(prompt, prompt + 32):
-            pos = torch.tensor([t])
-            steps.append(our_logits(gqa_model, tokens[:, t : t + 1], positions=pos.expand(2, 1), cache_slots=pos))
+            pos = torch.tensor([[t], [t]])
+            steps.append(our_logits(gqa_model, tokens[:, t : t + 1], positions=pos, cache_slots=pos))
     finally:
         gqa_model.clear_cache()
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5

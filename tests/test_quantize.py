@@ -10,7 +10,8 @@ from transformers import LlamaForCausalLM
 import generate
 from checkpoint import load_model
 from data import format_prompt
-from generate import Int8Linear, generate_ids, quantize_int8
+from engine import generate_ids
+from optimize import Int8Linear, quantize_int8
 from tokenizer import Tokenizer
 
 PROMPTS = [

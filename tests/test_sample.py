@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine
 import generate
 from checkpoint import load_model, read_args
 from data import IGNORE_INDEX, format_prompt, load_dataset
@@ -170,7 +171,7 @@ def test_generate_answers_a_heldout_instruction_from_the_default_model(trained):
     result = run([sys.executable, generate_py, "--temperature", "0", record["instruction"]], trained)
     model = load_model(str(trained / "out"))
     tokenizer = Tokenizer(str(trained / "out" / "tokenizer.model"))
-    (greedy,) = generate.generate(model, tokenizer, [format_prompt(record["instruction"])])
+    (greedy,) = engine.generate(model, tokenizer, [format_prompt(record["instruction"])])
     assert result.stdout == greedy + "\n"
     assert re.fullmatch(r"\d", greedy)
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -26,7 +27,8 @@ from rouge_score import rouge_scorer
 
 import self_instruct
 import serve
-from generate import generate_ids, load_for_decoding, load_tokenizer
+from engine import Engine, generate_ids
+from loading import load_for_decoding, load_tokenizer
 from self_instruct import InstructionPool, Throttle, complete_locally, deduplicate, main, rouge_l
 
 SEED_TASKS = str(SHARED_DATA / "seed_tasks.jsonl")
@@ -632,8 +634,8 @@ def test_bad_input_ends_in_one_line(tmp_path, endpoint):
     assert "give one backend" in run_main(["--output_dir", str(out)])
     assert "--max_concurrency must be >= 1, got 0" in run_main(base + ["--max_concurrency", "0"])
     assert "invalid choice: 'edits'" in run_main(base + ["--api_type", "edits"])
-    local = ["--model_path", str(tmp_path), "--max_concurrency", "2"]
-    assert "--max_concurrency and --api_type are for --api_base" in run_main(local)
+    local = ["--model_path", str(tmp_path), "--api_type", "chat"]
+    assert "--api_type is for --api_base" in run_main(local)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -683,24 +685,37 @@ def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_mo
         model_path=path, base_model=None, tokenizer=None, device=None, dtype=None, quantize=None, compile=False
     )
     _, tokenizer = load_tokenizer(model_args)
-    model, decode_step = load_for_decoding(model_args)
+    model, _ = load_for_decoding(model_args)
+    alone_model, _ = load_for_decoding(model_args)  # the engine owns its model's KV cache
+    engine = Engine(model, tokenizer.eos_id, max_batch_size=2)
+    engine.start()
     prompts = ["###\n1. Instruction: What is the largest of 3, 5?", "Count the numbers in 1, 8, 8."]
     steps = []
-    counting_step = lambda *args: steps.append(1) or (decode_step or model)(*args)
-    for prompt in prompts:
-        (choice,), usage = complete_locally(model, tokenizer, decode_step, [prompt], 0.0, 1.0, None, stop=[])
-        prompt_ids = tokenizer.encode(prompt, bos=True)
-        (answer,) = generate_ids(model, [prompt_ids], 3072, tokenizer.eos_id)  # greedy, alone
-        assert usage == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(answer)}
-        assert choice["text"] == tokenizer.decode(answer)
-        assert choice["finish_reason"] == ("length" if len(prompt_ids) + len(answer) == 64 else "stop")
-        text = choice["text"]
-        assert len(text) > 6
-        stop = text[len(text) // 2 : len(text) // 2 + 2]
-        steps.clear()
-        (cut,), _ = complete_locally(model, tokenizer, counting_step, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
-        assert cut == {"text": text[: text.find(stop)], "finish_reason": "stop"}
-        assert len(steps) < len(answer) - 1  # the answer stopped there, not only its text
+    model.register_forward_hook(lambda module, args, logits: steps.append(1))
+    try:
+        for prompt in prompts:
+            (choice,), usage = complete_locally(engine, tokenizer, [prompt], 0.0, 1.0, None, stop=[])
+            prompt_ids = tokenizer.encode(prompt, bos=True)
+            (answer,) = generate_ids(alone_model, [prompt_ids], 3072, tokenizer.eos_id)  # greedy, alone
+            assert usage == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(answer)}
+            assert choice["text"] == tokenizer.decode(answer)
+            assert choice["finish_reason"] == ("length" if len(prompt_ids) + len(answer) == 64 else "stop")
+            text = choice["text"]
+            assert len(text) > 6
+            stop = text[len(text) // 2 : len(text) // 2 + 2]
+            steps.clear()
+            (cut,), _ = complete_locally(engine, tokenizer, [prompt], 0.0, 1.0, None, stop=["\x00", stop])
+            assert cut == {"text": text[: text.find(stop)], "finish_reason": "stop"}
+            assert len(steps) < len(answer) - 1  # the answer stopped there, not only its text
+
+        # Sampled calls from two threads at once, decoded side by side, answer as the same calls one at a time.
+        one_at_a_time = [complete_locally(engine, tokenizer, prompts, 1.0, 0.9, seed, []) for seed in (1, 2)]
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda seed: complete_locally(engine, tokenizer, prompts, 1.0, 0.9, seed, []),
+                                     (1, 2)))  # fmt: skip
+        assert together == one_at_a_time and one_at_a_time[0] != one_at_a_time[1]
+    finally:
+        engine.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -711,7 +726,7 @@ def test_local_completions_end_at_the_first_stop_string_or_the_context(sample_mo
 def served(tmp_path, tokenizer_model, monkeypatch):
     """serve.py in this process over a tiny random LLaMA whose 704 positions hold a self-instruct prompt with
     the shortest seed tasks (up to about 670 tokens), recording the prompts it is sent, the most HTTP requests
-    in flight at once, and the rows of each batch it decodes."""
+    in flight at once, and the rows of each decoding step."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -725,7 +740,7 @@ def served(tmp_path, tokenizer_model, monkeypatch):
 
     record = argparse.Namespace(prompts=[], batch_rows=[], in_flight=0, most_in_flight=0)
     lock = threading.Lock()
-    make_jobs, do_post, generate_ids = serve.make_jobs, serve.Handler.do_POST, serve.generate_ids
+    make_jobs, do_post = serve.make_jobs, serve.Handler.do_POST
 
     def recording_make_jobs(body, prompts, *args):
         record.prompts += prompts
@@ -741,14 +756,16 @@ def served(tmp_path, tokenizer_model, monkeypatch):
             with lock:
                 record.in_flight -= 1
 
-    def recording_generate_ids(model, prompt_ids, *args, **kwargs):
-        record.batch_rows.append(len(prompt_ids))
-        return generate_ids(model, prompt_ids, *args, **kwargs)
-
     monkeypatch.setattr(serve, "make_jobs", recording_make_jobs)
     monkeypatch.setattr(serve.Handler, "do_POST", counting_do_post)
-    monkeypatch.setattr(serve, "generate_ids", recording_generate_ids)
     server = serve.build_server(serve.parse_args(["--model_path", str(model), "--port", "0"]))
+    engine, decode = server.engine, server.engine.decode
+
+    def recording_decode():
+        record.batch_rows.append(len(engine.decoding))
+        decode()
+
+    monkeypatch.setattr(engine, "decode", recording_decode)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     record.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     record.tokenizer = server.tokenizer

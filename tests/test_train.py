@@ -45,7 +45,7 @@ def test_two_process_bf16_run_exports_a_transformers_model(tiny_model, alpaca_sa
         assert (ours(tokens) - reference(tokens).logits).abs().max() <= 1e-5
 
     # generate.py: greedy tokens equal transformers' generate on the exported model, and the CLI answers.
-    from generate import generate_ids
+    from engine import generate_ids
 
     prompt = [1, 13866, 338, 385, 15278, 393, 16612, 263, 3414, 29889]
     ours_ids = generate_ids(ours, [prompt], max_new_tokens=24, eos_id=-1)[0]

@@ -1,0 +1,532 @@
+"""The decoding engine: requests scheduled step by step over one preallocated KV cache (continuous batching), each
+with its own sampling settings; and the batch API on top of it, `generate_ids` and `generate`.
+
+At every step, finished and cancelled requests leave and waiting ones take their places, up to max_batch_size.
+A joining prompt is prefilled a chunk at a time between the decoding steps of the rows already running, each chunk
+sized to cost about one decoding step, so a long prompt delays them by a step, not by its whole prefill. Every
+request has a cache row of its own and writes its tokens at its own positions there: no padding to the longest
+prompt, and no request waits for another to end.
+
+    engine = Engine(model, tokenizer.eos_id, max_batch_size=8)
+    engine.start()                                            # a thread of its own owns the model
+    engine.submit([request := Request(prompt_ids, max_new_tokens=64)])   # from any thread
+    request.ended.wait()                                      # request.output_ids, request.finish_reason
+
+`generate_ids(model, prompt_ids, ...)` runs a list of prompts to their answers in the calling thread.
+"""
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from model import Transformer, attention_dtype
+from tokenizer import Tokenizer
+
+FIRST_CHUNK = 64  # prompt tokens beside decoding rows until the engine has timed a step and a prefill
+SMALLEST_CHUNK = 16  # fewer tokens a forward would waste the prefill's matrix products on too few rows
+IDLE_PREFILL_TOKENS = 2048  # prompt tokens in one forward when no row is decoding: bounds its activations
+
+
+class QueueFull(Exception):
+    """The engine's rows and queue are taken: the request was not queued."""
+
+
+class CompiledSteps(Protocol):
+    """Compiled decoding steps by batch size (optimize.compile_decoding)."""
+
+    def prepare(self, rows: int, slots: int) -> None:
+        """The engine's KV cache has this shape: the steps to come are for it."""
+
+    def get(self, batch_size: int) -> tuple[int, Callable[..., Tensor]] | None:
+        """(the step's batch size, >= batch_size; the step), or None to decode uncompiled."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One answer to produce. The caller fills the settings and callbacks; the engine, from its own thread, fills
+    the rest, calls on_token with each new token (EOS too, though output_ids leave it out), then on_end once.
+    max_new_tokens 0 runs the prompt alone, for on_prompt_logits."""
+
+    prompt_ids: list[int]  # BOS included
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    # Each new token, with the logits it was drawn from (vocab,) if `logits` is set; True ends the answer there.
+    on_token: Callable[[int, Tensor | None], bool | None] | None = None
+    logits: bool = False
+    # The logits at every prompt position, a chunk at a time: (chunk length, vocab).
+    on_prompt_logits: Callable[[Tensor], None] | None = None
+    on_end: Callable[["Request"], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # set after on_end
+    # The engine's:
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS), "length", "halted" (by on_token), "cancelled" or "error"
+    error: str | None = None
+    row: int = -1  # its row of the KV cache
+    length: int = 0  # tokens it has in its cache row
+    generator: torch.Generator | None = None
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator) -> Tensor:
+    """The next token (B,) from last-position logits (B, vocab): the argmax at temperature 0, else a draw from
+    the softmax at that temperature, cut to the top_k most likely tokens (0: no cut) and then to the nucleus,
+    the fewest most likely tokens whose probability reaches top_p (1: no cut)."""
+    if temperature == 0:
+        return logits.max(dim=-1).indices  # the first maximum, like argmax, which is slower in bf16 on the CPU
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the more likely tokens before it already reach top_p; the most likely always stays.
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_prompt_lengths(prompt_ids: list[list[int]], max_seq_len: int) -> None:
+    """Refuses prompts that leave no room for an answer in the model's context. Cutting them to fit would drop
+    the start of an Alpaca prompt, which holds the template and the instruction, so the answer would be noise."""
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= max_seq_len:
+            raise ValueError(
+                f"prompt {i + 1} is {len(ids)} tokens long, but the model's context is {max_seq_len} tokens "
+                "and the answer needs at least one: shorten the prompt"
+            )
+
+
+class Engine:
+    """Decodes the requests submitted to it, step by step, over a KV cache of max_batch_size rows of
+    `max_len` positions (default: the model's context) allocated once, so that a request never runs out of
+    memory mid-answer: past max_batch_size rows, requests wait in a queue of at most max_queue (None: no
+    bound). `compiled` gives compiled decoding steps; prompts always run uncompiled. prefill_chunk fixes the
+    prompt tokens prefilled beside decoding rows (default: as many as cost about one decoding step, timed)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        eos_id: int,
+        max_batch_size: int,
+        max_queue: int | None = None,
+        max_len: int | None = None,
+        compiled: CompiledSteps | None = None,
+        prefill_chunk: int | None = None,
+    ):
+        self.model, self.eos_id, self.max_batch_size, self.max_queue = model, eos_id, max_batch_size, max_queue
+        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.scratch_slot = self.max_len  # where padding tokens write: no real token ever reads it
+        try:
+            model.setup_cache(max_batch_size, self.max_len + 1)
+        except (RuntimeError, MemoryError) as e:  # out of memory: CUDA's is a RuntimeError, the CPU's too
+            a, element = model.args, attention_dtype(model.embed_tokens.weight).itemsize
+            size = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (self.max_len + 1) * element * max_batch_size
+            raise ValueError(
+                f"the KV cache ({max_batch_size} rows of {self.max_len + 1} positions, {size / 2**30:.1f} GiB) "
+                f"does not fit ({type(e).__name__}): fewer rows (max_batch_size) or a smaller dtype"
+            ) from None
+        if compiled is not None:
+            compiled.prepare(max_batch_size, self.max_len + 1)
+        self.device = model.embed_tokens.weight.device
+        self.compiled, self.prefill_chunk = compiled, prefill_chunk
+        self.lock = threading.Condition()  # guards waiting and taken_rows, which submit() reads from other threads
+        self.waiting: deque[Request] = deque()
+        self.taken_rows = 0
+        self.decoding: list[Request] = []  # decoding[i] has cache row i: a step reads rows 0..B-1, a view
+        self.prefilling: list[Request] = []  # first come first served, in rows from len(decoding) on
+        self.free_rows = set(range(max_batch_size))
+        self.step_seconds: float | None = None  # a decoding step's time, and a prompt token's, smoothed
+        self.prompt_token_seconds: float | None = None
+        self.stats = dict(prompt_tokens=0, prompt_seconds=0.0, tokens=0, decode_seconds=0.0)
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    # -----------------------------------------------------------------------------------------------------
+    # From any thread
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queues the requests, all or none: QueueFull if the rows and the queue have no room for them all."""
+        for request in requests:
+            if len(request.prompt_ids) >= self.max_len:
+                raise ValueError(
+                    f"the prompt is {len(request.prompt_ids)} tokens long, but the context is {self.max_len} tokens "
+                    "and the answer needs at least one"
+                )
+            request.max_new_tokens = min(request.max_new_tokens, self.max_len - len(request.prompt_ids))
+        with self.lock:
+            if self.max_queue is not None:
+                room = self.max_queue + self.max_batch_size - self.taken_rows - len(self.waiting)
+                if len(requests) > room:
+                    raise QueueFull(f"{len(requests)} answer(s) asked, room for {max(room, 0)}")
+            self.waiting.extend(requests)
+            self.lock.notify()
+
+    def queued(self) -> int:
+        with self.lock:
+            return len(self.waiting)
+
+    # -----------------------------------------------------------------------------------------------------
+    # In the thread that owns the model
+
+    def start(self) -> None:
+        """Runs the engine in a thread of its own until stop(): it steps while there is work and waits for it
+        otherwise."""
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Ends the engine's thread after its current step (a thread left inside torch when the interpreter exits
+        can abort the process). The requests it had are left unfinished."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join()
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.waiting or self.decoding or self.prefilling or self.stopping):
+                    self.lock.wait()
+                if self.stopping:
+                    return
+            self.step()
+
+    def run_until_done(self) -> None:
+        while self.waiting or self.decoding or self.prefilling:
+            self.step()
+
+    def step(self) -> None:
+        """One round: cancelled requests leave, waiting ones take free rows, a chunk of the joining prompts is
+        prefilled, and every decoding row gets its next token."""
+        for request in [r for r in self.decoding + self.prefilling if r.cancelled.is_set()]:
+            request.finish_reason = "cancelled"
+            self.leave(request)
+        self.admit()
+        if self.prefilling:
+            self.prefill()
+        if self.decoding:
+            self.decode()
+
+    def admit(self) -> None:
+        """Waiting requests take the free rows, first come first served; cancelled ones leave the queue."""
+        with self.lock:
+            cancelled = [request for request in self.waiting if request.cancelled.is_set()]
+            if cancelled:
+                self.waiting = deque(request for request in self.waiting if not request.cancelled.is_set())
+            while self.waiting and self.free_rows:
+                request = self.waiting.popleft()
+                request.row = min(self.free_rows)
+                self.free_rows.remove(request.row)
+                self.taken_rows += 1
+                self.prefilling.append(request)
+        for request in cancelled:
+            request.finish_reason = "cancelled"
+            self.report_end(request)
+        for request in self.prefilling:
+            if request.generator is None:
+                request.generator = torch.Generator(device=self.device)
+                if request.seed is None:
+                    request.generator.seed()
+                else:
+                    request.generator.manual_seed(request.seed)
+
+    def prefill_budget(self) -> int:
+        if not self.decoding:
+            return IDLE_PREFILL_TOKENS
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        if self.step_seconds is None or self.prompt_token_seconds is None:
+            return FIRST_CHUNK
+        return max(SMALLEST_CHUNK, round(self.step_seconds / self.prompt_token_seconds))
+
+    def prefill(self) -> None:
+        """The next chunk of the joining prompts, first come first served, in one forward (right-padded); a prompt
+        that is complete gives its first token and its request joins the decoding rows."""
+        budget, pieces = self.prefill_budget(), []
+        for request in self.prefilling:
+            n = min(len(request.prompt_ids) - request.length, budget)
+            if n <= 0:
+                break
+            pieces.append((request, n))
+            budget -= n
+        width = max(n for _, n in pieces)
+        tokens = torch.zeros(len(pieces), width, dtype=torch.long)
+        slots = torch.full((len(pieces), width), self.scratch_slot)  # padding writes to the scratch slot
+        for i, (request, n) in enumerate(pieces):
+            tokens[i, :n] = torch.tensor(request.prompt_ids[request.length : request.length + n])
+            slots[i, :n] = torch.arange(request.length, request.length + n)
+        positions = torch.tensor([request.length for request, _ in pieces])[:, None] + torch.arange(width)
+        used = max(request.length + n for request, n in pieces)
+        mask = (torch.arange(used) <= positions[:, :, None])[:, None]
+        all_logits = any(request.on_prompt_logits is not None for request, _ in pieces)
+        logits_at = None if all_logits else torch.tensor([n - 1 for _, n in pieces], device=self.device)
+        rows = torch.tensor([request.row for request, _ in pieces], device=self.device)
+        inputs = [t.to(self.device) for t in (tokens, positions, mask, slots)]
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = self.model(*inputs, cache_rows=rows, logits_at=logits_at)
+        except Exception as e:  # fails the requests of this forward, not the engine
+            for request, _ in pieces:
+                self.fail(request, e)
+            return
+        for i, (request, n) in enumerate(pieces):
+            if request.on_prompt_logits is not None:
+                self.call(request, request.on_prompt_logits, logits[i, :n])
+            request.length += n
+            if request.finish_reason is None and request.length == len(request.prompt_ids):
+                if request.max_new_tokens == 0:  # the prompt's logits were all it asked for
+                    request.finish_reason = "length"
+                    self.leave(request)
+                    continue
+                self.take_token(request, logits[i, n - 1 if all_logits else 0])
+                if request.finish_reason is None:
+                    self.prefilling.remove(request)
+                    self.decoding.append(request)  # its cache row moves to its place before the next step
+            if request.finish_reason is not None:
+                self.leave(request)
+        seconds = time.perf_counter() - start
+        tokens_done = sum(n for _, n in pieces)
+        self.stats["prompt_tokens"] += tokens_done
+        self.stats["prompt_seconds"] += seconds
+        self.prompt_token_seconds = smooth(self.prompt_token_seconds, seconds / tokens_done)
+
+    def decode(self) -> None:
+        """One token for every decoding row: one step over cache rows 0..B-1, or a compiled step for a batch of
+        B or more, whose padding rows write to the scratch slot and read slot 0."""
+        for i, request in enumerate(self.decoding):
+            if request.row != i:
+                self.move_to_row(request, i)
+        batch_size = len(self.decoding)
+        compiled = self.compiled.get(batch_size) if self.compiled is not None else None
+        width = batch_size if compiled is None else compiled[0]
+        tokens = torch.zeros(width, 1, dtype=torch.long)
+        positions = torch.zeros(width, 1, dtype=torch.long)
+        tokens[:batch_size, 0] = torch.tensor([request.output_ids[-1] for request in self.decoding])
+        positions[:batch_size, 0] = torch.tensor([request.length for request in self.decoding])
+        slots = positions.clone()
+        slots[batch_size:] = self.scratch_slot
+        used = int(positions.max()) + 1
+        mask = (torch.arange(used) <= positions[:, :, None])[:, None]
+        inputs = [t.to(self.device) for t in (tokens, positions, mask, slots)]
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = (self.model if compiled is None else compiled[1])(*inputs)[:batch_size, -1]
+            next_tokens = logits.max(dim=-1).indices.tolist()  # every row's greedy choice, in one go
+        except Exception as e:  # fails the rows of this step, not the engine
+            for request in list(self.decoding):
+                self.fail(request, e)
+            return
+        for i, request in enumerate(self.decoding):
+            request.length += 1
+            self.take_token(request, logits[i], next_tokens[i])
+        seconds = time.perf_counter() - start
+        self.stats["tokens"] += batch_size
+        self.stats["decode_seconds"] += seconds
+        self.step_seconds = smooth(self.step_seconds, seconds)
+        for request in [r for r in self.decoding if r.finish_reason is not None]:
+            self.leave(request)
+
+    def take_token(self, request: Request, logits: Tensor, greedy_token: int | None = None) -> None:
+        """Draws the request's next token from its logits (vocab,) and hands it on; sets finish_reason when the
+        answer ends there."""
+        try:
+            if request.temperature == 0 and greedy_token is not None:
+                token = greedy_token
+            else:
+                settings = (request.temperature, request.top_p, request.top_k, request.generator)
+                token = int(sample(logits[None], *settings))
+        except Exception as e:
+            request.finish_reason, request.error = "error", f"{type(e).__name__}: {e}"
+            return
+        if token != self.eos_id:
+            request.output_ids.append(token)
+        row_logits = logits if request.logits else None
+        if request.on_token is not None and self.call(request, request.on_token, token, row_logits):
+            request.finish_reason = request.finish_reason or "halted"
+        if token == self.eos_id:
+            request.finish_reason = request.finish_reason or "stop"
+        elif request.finish_reason is None and len(request.output_ids) >= request.max_new_tokens:
+            request.finish_reason = "length"
+
+    @staticmethod
+    def call(request: Request, callback: Callable, *args) -> bool:
+        """callback(*args), as a bool; a callback that raises fails its request, not the engine."""
+        try:
+            return bool(callback(*args))
+        except Exception as e:
+            request.finish_reason, request.error = "error", f"{type(e).__name__}: {e}"
+            return False
+
+    # -----------------------------------------------------------------------------------------------------
+    # Rows
+
+    def fail(self, request: Request, error: Exception) -> None:
+        request.finish_reason, request.error = "error", f"{type(error).__name__}: {error}"
+        self.leave(request)
+
+    def leave(self, request: Request) -> None:
+        """Frees the request's row and reports its end. Among the decoding requests the last one takes its place,
+        and its row moves there before the next step (decode)."""
+        if request in self.decoding:
+            last = self.decoding.pop()
+            if last is not request:
+                self.decoding[self.decoding.index(request)] = last
+        else:
+            self.prefilling.remove(request)
+        self.free_rows.add(request.row)
+        with self.lock:
+            self.taken_rows -= 1
+        self.report_end(request)
+
+    @staticmethod
+    def report_end(request: Request) -> None:
+        if request.on_end is not None:
+            with contextlib.suppress(Exception):  # a broken callback may not take the engine down with it
+                request.on_end(request)
+        request.ended.set()
+
+    def move_to_row(self, request: Request, row: int) -> None:
+        """Moves the request's keys and values to `row`, swapping with the request there, if any."""
+        holder = next((r for r in self.decoding + self.prefilling if r.row == row), None)
+        n = max(request.length, holder.length if holder is not None else 0)
+        for layer in self.model.layers:
+            cache = layer.self_attn.cache
+            for buffer in (cache.k, cache.v):
+                held = buffer[row, :, :n].clone() if holder is not None else None
+                buffer[row, :, :n] = buffer[request.row, :, :n]
+                if held is not None:
+                    buffer[request.row, :, :n] = held
+        if holder is None:
+            self.free_rows.remove(row)
+            self.free_rows.add(request.row)
+        else:
+            holder.row = request.row
+        request.row = row
+
+    def cache_bytes_per_row(self) -> int:
+        """What a row of the KV cache costs: keys and values of every layer at every position."""
+        return sum(layer.self_attn.cache.k[0].nbytes * 2 for layer in self.model.layers)
+
+
+def smooth(average: float | None, value: float) -> float:
+    return value if average is None else 0.8 * average + 0.2 * value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The batch API
+
+
+def row_seeds(seed: int | None, n: int) -> list[int | None]:
+    """A seed for each of n rows drawn from one seed: a row's draws do not depend on the others'."""
+    if seed is None:
+        return [None] * n
+    return torch.randint(2**62, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def generate_ids(
+    model: Transformer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    on_token: Callable[[int, int], bool | None] | None = None,
+    compiled: CompiledSteps | None = None,
+    max_batch_size: int | None = None,
+) -> list[list[int]]:
+    """Answers to prompts (token ids, BOS included) as token ids, EOS left out, decoded by an Engine in the calling
+    thread, max_batch_size at a time (default: all).
+
+    Each answer stops at EOS, after max_new_tokens, or when prompt + answer fill the model's context. on_token, if
+    given, is called with (prompt index, token) for every new token; True ends that answer there (a stop string was
+    produced, or the reader went away), keeping the tokens so far. The same seed gives the same answers, each
+    row drawing from a seed of its own (row_seeds). The KV cache stays with the model for the next call
+    (model.clear_cache() frees it)."""
+    check_prompt_lengths(prompt_ids, model.args.max_seq_len)
+    # Rounded up, so that later calls find a cache (and a compiled step) of the same length.
+    longest = max(len(ids) for ids in prompt_ids) + max_new_tokens
+    max_len = min(-(-longest // 256) * 256, model.args.max_seq_len)
+    engine = Engine(model, eos_id, max_batch_size or len(prompt_ids), max_len=max_len, compiled=compiled)
+    requests = [
+        Request(ids, max_new_tokens, temperature, top_p, top_k, row_seed)
+        for ids, row_seed in zip(prompt_ids, row_seeds(seed, len(prompt_ids)), strict=True)
+    ]
+    if on_token is not None:
+        for i, request in enumerate(requests):
+            request.on_token = lambda token, _, i=i: token != eos_id and on_token(i, token)
+    engine.submit(requests)
+    engine.run_until_done()
+    for request in requests:
+        if request.finish_reason == "error":
+            raise RuntimeError(f"decoding failed: {request.error}")
+    return [request.output_ids for request in requests]
+
+
+class TextStream:
+    """Decodes one answer token by token into text that is safe to print as it comes: a character that
+    byte-fallback pieces spell over several tokens is held back until its last byte has arrived."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0  # characters of the decoded answer already handed out
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        # Incomplete UTF-8 at the end decodes to U+FFFD for now; everything before it is final.
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        new_text = text[self.shown :]
+        self.shown += len(new_text)
+        return new_text
+
+    def finish(self) -> str:
+        """What is left, including any bytes that never became a character."""
+        return self.tokenizer.decode(self.ids)[self.shown :]
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    compiled: CompiledSteps | None = None,
+    max_batch_size: int | None = None,
+) -> list[str]:
+    """Answers to formatted prompt texts (see generate_ids). on_text, if given, receives (prompt index, new text)
+    as each answer grows."""
+    streams = [TextStream(tokenizer) for _ in prompts]
+
+    def stream_token(i: int, token: int) -> None:
+        if new_text := streams[i].add(token):
+            on_text(i, new_text)
+
+    prompt_ids = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
+    answer_ids = generate_ids(
+        model, prompt_ids, max_new_tokens, tokenizer.eos_id, temperature, top_p, top_k, seed,
+        on_token=stream_token if on_text is not None else None, compiled=compiled, max_batch_size=max_batch_size,
+    )  # fmt: skip
+    if on_text is not None:
+        for i, stream in enumerate(streams):
+            if rest := stream.finish():
+                on_text(i, rest)
+    return [tokenizer.decode(ids) for ids in answer_ids]
