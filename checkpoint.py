@@ -24,7 +24,7 @@ MAX_SHARD_BYTES = 5 * 1000**3  # what HF's save_pretrained uses by default ("5GB
 # Reading
 
 
-def read_args(path: str) -> ModelArgs:
+def read_model_args(path: str) -> ModelArgs:
     """The model config of an HF (`config.json`) or Meta (`params.json`) checkpoint directory."""
     hf_config_file, meta_params = os.path.join(path, "config.json"), os.path.join(path, "params.json")
     if not os.path.isdir(path):
@@ -121,7 +121,7 @@ def load_model(
     """Loads an HF or Meta LLaMA directory. The model is built on the meta device and each tensor is
     moved straight into place, so peak memory is one model plus one tensor. `vocab_size` larger than the
     checkpoint's (for the added `[PAD]`) grows the embeddings with mean rows."""
-    checkpoint_args = read_args(path)
+    checkpoint_args = read_model_args(path)
     model_args = ModelArgs(**vars(checkpoint_args))
     if vocab_size is not None and vocab_size != checkpoint_args.vocab_size:
         if vocab_size < checkpoint_args.vocab_size:
@@ -186,7 +186,7 @@ def add_pad_rows(weight: Tensor, rows: int) -> Tensor:
     return torch.cat([weight, mean.expand(extra, -1)])
 
 
-def iter_checkpoint(path: str, args: ModelArgs, read_data: bool = True) -> Iterator[tuple[str, Tensor]]:
+def iter_checkpoint(path: str, model_args: ModelArgs, read_data: bool = True) -> Iterator[tuple[str, Tensor]]:
     """Yields (our parameter name, CPU tensor) one tensor at a time, so a caller can place each tensor
     where it belongs (or shard it) before the next is read: never two copies of the model in memory.
     With read_data=False the tensors are on the meta device, from the file headers alone: every name and
@@ -196,7 +196,7 @@ def iter_checkpoint(path: str, args: ModelArgs, read_data: bool = True) -> Itera
         for f in files:
             yield from _read_weight_file(os.path.join(path, f), read_data)
     elif os.path.isfile(os.path.join(path, "params.json")) and meta:
-        yield from _iter_meta(path, meta, args, read_data)
+        yield from _iter_meta(path, meta, model_args, read_data)
     else:
         raise FileNotFoundError(
             f"{path}: no weights found (model*.safetensors, pytorch_model*.bin or consolidated.*.pth)"
@@ -329,7 +329,7 @@ def _torch_load(file_path: str) -> dict[str, Tensor]:
         raise ValueError(f"{file_path}: not a weights-only PyTorch checkpoint ({first_line})") from None
 
 
-def _iter_meta(path: str, files: list[str], args: ModelArgs, read_data: bool) -> Iterator[tuple[str, Tensor]]:
+def _iter_meta(path: str, files: list[str], model_args: ModelArgs, read_data: bool) -> Iterator[tuple[str, Tensor]]:
     # Model-parallel shards split some tensors across files; mmap keeps all shards open without reading them.
     shards = [_torch_load(os.path.join(path, f)) for f in files]
     for key in list(shards[0]):
@@ -340,9 +340,9 @@ def _iter_meta(path: str, files: list[str], args: ModelArgs, read_data: bool) ->
         parts = [shard.pop(key) if read_data else shard.pop(key).to("meta") for shard in shards]
         tensor = parts[0] if cat_dim is None or len(parts) == 1 else torch.cat(parts, dim=cat_dim)
         if name.endswith("q_proj.weight"):
-            tensor = meta_to_hf_qk(tensor, args.n_heads)
+            tensor = meta_to_hf_qk(tensor, model_args.n_heads)
         elif name.endswith("k_proj.weight"):
-            tensor = meta_to_hf_qk(tensor, args.n_kv_heads)
+            tensor = meta_to_hf_qk(tensor, model_args.n_kv_heads)
         yield name, tensor
 
 
@@ -384,7 +384,7 @@ def meta_to_hf_qk(w: Tensor, n_heads: int) -> Tensor:
 
 def save_hf_checkpoint(
     out_dir: str,
-    args: ModelArgs,
+    model_args: ModelArgs,
     tensors: Iterable[tuple[str, Tensor]],
     tokenizer_path: str | None,
     dtype: torch.dtype = torch.bfloat16,
@@ -404,7 +404,7 @@ def save_hf_checkpoint(
         shard, shard_bytes = {}, 0
 
     for name, tensor in tensors:
-        if name == "lm_head.weight" and args.tie_word_embeddings:
+        if name == "lm_head.weight" and model_args.tie_word_embeddings:
             continue
         tensor = tensor.detach().to("cpu", dtype).contiguous()
         size = tensor.numel() * tensor.element_size()
@@ -427,17 +427,17 @@ def save_hf_checkpoint(
         total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in set(weight_map.values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    write_json(os.path.join(out_dir, "config.json"), hf_config(args, dtype))
+    write_json(os.path.join(out_dir, "config.json"), hf_config(model_args, dtype))
     write_json(
         os.path.join(out_dir, "generation_config.json"),
         {
-            "bos_token_id": args.bos_token_id,
-            "eos_token_id": args.eos_token_id,
-            "pad_token_id": args.pad_token_id,
+            "bos_token_id": model_args.bos_token_id,
+            "eos_token_id": model_args.eos_token_id,
+            "pad_token_id": model_args.pad_token_id,
         },
     )
     if tokenizer_path is not None:
-        save_tokenizer_files(out_dir, tokenizer_path, args)
+        save_tokenizer_files(out_dir, tokenizer_path, model_args)
 
 
 def hf_key(name: str) -> str:
@@ -445,25 +445,25 @@ def hf_key(name: str) -> str:
     return name if name == "lm_head.weight" else f"model.{name}"
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+def hf_config(model_args: ModelArgs, dtype: torch.dtype) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": args.dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "intermediate_size": args.hidden_dim,
-        "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_word_embeddings,
-        "bos_token_id": args.bos_token_id,
-        "eos_token_id": args.eos_token_id,
-        "pad_token_id": args.pad_token_id,
+        "hidden_size": model_args.dim,
+        "num_hidden_layers": model_args.n_layers,
+        "num_attention_heads": model_args.n_heads,
+        "num_key_value_heads": model_args.n_kv_heads,
+        "head_dim": model_args.head_dim,
+        "intermediate_size": model_args.hidden_dim,
+        "vocab_size": model_args.vocab_size,
+        "rms_norm_eps": model_args.norm_eps,
+        "rope_theta": model_args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model_args.rope_theta},
+        "max_position_embeddings": model_args.max_seq_len,
+        "tie_word_embeddings": model_args.tie_word_embeddings,
+        "bos_token_id": model_args.bos_token_id,
+        "eos_token_id": model_args.eos_token_id,
+        "pad_token_id": model_args.pad_token_id,
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -474,7 +474,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     }
 
 
-def save_tokenizer_files(out_dir: str, tokenizer_path: str, args: ModelArgs) -> None:
+def save_tokenizer_files(out_dir: str, tokenizer_path: str, model_args: ModelArgs) -> None:
     """tokenizer.model plus the config that makes HF's LlamaTokenizer add BOS and know `[PAD]`."""
     if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
         shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
@@ -485,14 +485,14 @@ def save_tokenizer_files(out_dir: str, tokenizer_path: str, args: ModelArgs) -> 
         "add_eos_token": False,
         "legacy": True,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": args.max_seq_len,
+        "model_max_length": model_args.max_seq_len,
         **special,
     }
-    if args.pad_token_id is not None and args.pad_token_id >= 0:
+    if model_args.pad_token_id is not None and model_args.pad_token_id >= 0:
         config["pad_token"] = "[PAD]"
         special["pad_token"] = "[PAD]"
         config["added_tokens_decoder"] = {
-            str(args.pad_token_id): {
+            str(model_args.pad_token_id): {
                 "content": "[PAD]",
                 "lstrip": False,
                 "normalized": False,

@@ -125,12 +125,12 @@ class Engine:
         prefill_chunk: int | None = None,
     ):
         self.model, self.eos_id, self.max_batch_size, self.max_queue = model, eos_id, max_batch_size, max_queue
-        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.max_len = min(max_len or model.model_args.max_seq_len, model.model_args.max_seq_len)
         self.scratch_slot = self.max_len  # where padding tokens write: no real token ever reads it
         try:
             model.setup_cache(max_batch_size, self.max_len + 1)
         except (RuntimeError, MemoryError) as e:  # out of memory: CUDA's is a RuntimeError, the CPU's too
-            a, element = model.args, attention_dtype(model.embed_tokens.weight).itemsize
+            a, element = model.model_args, attention_dtype(model.embed_tokens.weight).itemsize
             size = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (self.max_len + 1) * element * max_batch_size
             raise ValueError(
                 f"the KV cache ({max_batch_size} rows of {self.max_len + 1} positions, {size / 2**30:.1f} GiB) "
@@ -457,10 +457,10 @@ def generate_ids(
     produced, or the reader went away), keeping the tokens so far. The same seed gives the same answers, each
     row drawing from a seed of its own (row_seeds). The KV cache stays with the model for the next call
     (model.clear_cache() frees it)."""
-    check_prompt_lengths(prompt_ids, model.args.max_seq_len)
+    check_prompt_lengths(prompt_ids, model.model_args.max_seq_len)
     # Rounded up, so that later calls find a cache (and a compiled step) of the same length.
     longest = max(len(ids) for ids in prompt_ids) + max_new_tokens
-    max_len = min(-(-longest // 256) * 256, model.args.max_seq_len)
+    max_len = min(-(-longest // 256) * 256, model.model_args.max_seq_len)
     engine = Engine(model, eos_id, max_batch_size or len(prompt_ids), max_len=max_len, compiled=compiled)
     requests = [
         Request(ids, max_new_tokens, temperature, top_p, top_k, row_seed)

@@ -39,7 +39,7 @@ def evaluate(
     matches when the greedy answer and the record's output are equal once stripped of surrounding whitespace.
     The loss is teacher-forced on the tokens and labels that training uses (data.load_dataset), so it compares
     with the loss train.py logs. Records whose prompt alone fills the model's context are left out of both."""
-    dataset = load_dataset(data_path, tokenizer, model.args.max_seq_len)
+    dataset = load_dataset(data_path, tokenizer, model.model_args.max_seq_len)
     all_records = read_records(data_path)
     records = [all_records[i] for i in dataset.source_indices]
     prompts = [format_prompt(instruction, input) for instruction, input, _ in records]
@@ -52,7 +52,7 @@ def evaluate(
         # Right padding follows every real token, so the causal mask hides it from them, and it has no label:
         # any id will do.
         (tokens,) = rank_micro_batches(
-            dataset, np.arange(start, start + n), 0, 1, n, False, model.args.max_seq_len, pad_id=0
+            dataset, np.arange(start, start + n), 0, 1, n, False, model.model_args.max_seq_len, pad_id=0
         )
         summed_loss += model(tokens.input_ids.to(device), labels=tokens.labels.to(device)).item()
     return matches, len(records), summed_loss / dataset.total_supervised()

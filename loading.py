@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from checkpoint import is_adapter_dir, load_adapter, load_model, read_adapter_config, read_args
+from checkpoint import is_adapter_dir, load_adapter, load_model, read_adapter_config, read_model_args
 from model import ModelArgs, Transformer, cap_cpu_kernel_caches, merge_lora
 from optimize import CompiledSteps, quantize_int8, use_cpu_decoding_layout
 from tokenizer import Tokenizer
@@ -84,7 +84,7 @@ def model_dirs(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def load_tokenizer(args: argparse.Namespace) -> tuple[ModelArgs, Tokenizer]:
     model_path, _ = model_dirs(args)
-    model_args = read_args(model_path)  # a bad directory or tokenizer fails fast, before the slow load
+    model_args = read_model_args(model_path)  # a bad directory or tokenizer fails fast, before the slow load
     tokenizer = Tokenizer(args.tokenizer or os.path.join(model_path, "tokenizer.model"))
     if tokenizer.n_words > model_args.vocab_size:
         raise ValueError(

@@ -118,13 +118,13 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, model_args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = model_args.n_heads, model_args.n_kv_heads, model_args.head_dim
+        self.q_proj = nn.Linear(model_args.dim, model_args.n_heads * model_args.head_dim, bias=False)
+        self.k_proj = nn.Linear(model_args.dim, model_args.n_kv_heads * model_args.head_dim, bias=False)
+        self.v_proj = nn.Linear(model_args.dim, model_args.n_kv_heads * model_args.head_dim, bias=False)
+        self.o_proj = nn.Linear(model_args.n_heads * model_args.head_dim, model_args.dim, bias=False)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one product: see Transformer.fuse_projections
         self.cache: KVCache | None = None
 
@@ -158,11 +158,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, model_args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_proj = nn.Linear(model_args.dim, model_args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(model_args.dim, model_args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(model_args.hidden_dim, model_args.dim, bias=False)
         self.gate_up_proj: nn.Module | None = None  # see Transformer.fuse_projections
 
     def forward(self, x: Tensor) -> Tensor:
@@ -253,12 +253,12 @@ def merge_lora_tensors(tensors: Iterable[tuple[str, Tensor]], scaling: float) ->
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, model_args: ModelArgs):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(model_args.dim, model_args.norm_eps)
+        self.self_attn = Attention(model_args)
+        self.post_attention_layernorm = RMSNorm(model_args.dim, model_args.norm_eps)
+        self.mlp = MLP(model_args)
 
     def forward(
         self,
@@ -274,17 +274,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, model_args: ModelArgs):
         super().__init__()
-        self.args = args
-        embedding = torch.empty(args.vocab_size, args.dim)
+        self.model_args = model_args
+        embedding = torch.empty(model_args.vocab_size, model_args.dim)
         if embedding.device.type != "meta":  # normal_ on the meta device imports torch._dynamo: a second for nothing
             nn.init.normal_(embedding)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=embedding)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
+        self.embed_tokens = nn.Embedding(model_args.vocab_size, model_args.dim, _weight=embedding)
+        self.layers = nn.ModuleList(Block(model_args) for _ in range(model_args.n_layers))
+        self.norm = RMSNorm(model_args.dim, model_args.norm_eps)
+        self.lm_head = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+        if model_args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
@@ -314,7 +314,7 @@ class Transformer(nn.Module):
             used = torch.arange(int(cache_slots.max()) + 1, device=tokens.device)
             mask = (used <= cache_slots[..., None])[:, None]
         h = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(positions, self.model_args.head_dim, self.model_args.rope_theta, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache_slots, cache_rows)
         if logits_at is not None:
@@ -328,7 +328,7 @@ class Transformer(nn.Module):
         """A KV cache of rows x slots for every layer, in the dtype attention runs in. The cache the model has is
         kept when it has that shape: a compiled decoding step is specialised to its buffers and would compile
         again for new ones."""
-        p, a = self.embed_tokens.weight, self.args
+        p, a = self.embed_tokens.weight, self.model_args
         cache = self.layers[0].self_attn.cache
         if cache is not None and cache.k.shape[0] == rows and cache.k.shape[2] == slots:
             return
@@ -413,20 +413,22 @@ def document_mask(document_ids: Tensor) -> Tensor:
     return (causal & same_doc)[:, None]
 
 
-def count_parameters(args: ModelArgs) -> int:
+def count_parameters(model_args: ModelArgs) -> int:
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(model_args)
     return sum(p.numel() for p in model.parameters())
 
 
-def training_flops(args: ModelArgs, seq_lens: list[int], n_supervised: int, frozen_weights: bool = False) -> float:
+def training_flops(
+    model_args: ModelArgs, seq_lens: list[int], n_supervised: int, frozen_weights: bool = False
+) -> float:
     """Training FLOPs (forward + backward = 3x forward) of sequences of these lengths that hold n_supervised
     supervised tokens: 6 per decoder matmul weight per token; 6 per output-projection weight per supervised token,
     the only logits the loss needs (and all that LinearCrossEntropy computes); and attention's QK^T and AV at
     6 * 2 * n_layers * seq_len * n_heads * head_dim per token, halved for causality (PaLM's count, with the causal
     half that SDPA skips). frozen_weights (LoRA): no weight gradients, so 4 per weight, and the adapters' own
     products (r / dim of the projections they sit on) are left out."""
-    a, per_weight = args, 4 if frozen_weights else 6
+    a, per_weight = model_args, 4 if frozen_weights else 6
     layer_weights = a.n_layers * (a.dim * a.head_dim * (a.n_heads * 2 + a.n_kv_heads * 2) + 3 * a.dim * a.hidden_dim)
     attention = sum(6 * a.n_layers * n * n * a.n_heads * a.head_dim for n in seq_lens)
     return per_weight * (layer_weights * sum(seq_lens) + a.dim * a.vocab_size * n_supervised) + attention

@@ -136,7 +136,7 @@ def library_path(digest: str, model: Transformer, batch_size: int, slots: int) -
         tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"
     )
     setting = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
-    name = hashlib.sha256(f"{digest} {model.args} {setting}".encode()).hexdigest()[:32]
+    name = hashlib.sha256(f"{digest} {model.model_args} {setting}".encode()).hexdigest()[:32]
     return os.path.join(cache_dir, "decoding", f"{name}-b{batch_size}-s{slots}", "step.so")
 
 
@@ -148,7 +148,7 @@ def build_library(model: Transformer, batch_size: int, slots: int, path: str) ->
     library's (BENCHMARKS.md)."""
     configure_inductor()
     caches = [layer.self_attn.cache for layer in model.layers]
-    a, device = model.args, model.embed_tokens.weight.device
+    a, device = model.model_args, model.embed_tokens.weight.device
     for layer, cache in zip(model.layers, caches, strict=True):  # the step's own cache, of its shape, for now
         layer.self_attn.cache = KVCache(batch_size, slots, a.n_kv_heads, a.head_dim, cache.k.dtype, device)
     try:

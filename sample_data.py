@@ -157,12 +157,12 @@ def init_weights(model: Transformer) -> None:
 
 def write_model(out_dir: str, tokenizer_path: str, seed: int) -> ModelArgs:
     tokenizer = Tokenizer(tokenizer_path)
-    args = ModelArgs(**MODEL, vocab_size=tokenizer.n_words)
+    model_args = ModelArgs(**MODEL, vocab_size=tokenizer.n_words)
     torch.manual_seed(seed)
-    model = Transformer(args)
+    model = Transformer(model_args)
     init_weights(model)
-    save_hf_checkpoint(out_dir, args, model.named_parameters(), tokenizer_path, dtype=torch.float32)
-    return args
+    save_hf_checkpoint(out_dir, model_args, model.named_parameters(), tokenizer_path, dtype=torch.float32)
+    return model_args
 
 
 def main() -> None:

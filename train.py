@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from checkpoint import adapter_config, check_weights, read_args, save_adapter, save_hf_checkpoint
+from checkpoint import adapter_config, check_weights, read_model_args, save_adapter, save_hf_checkpoint
 from cli import ArgumentParser, str2bool
 from data import Batch, Dataset, epoch_steps, load_dataset, rank_micro_batches
 from distributed import (
@@ -318,7 +318,9 @@ def read_model_config(args: argparse.Namespace) -> tuple[Tokenizer, str, ModelAr
     --model_max_length asks for. The weights are checked against them from the file headers; a --dry_run of a
     preset name ("7B") has no weights to check."""
     preset = args.dry_run and not os.path.isdir(args.model_name_or_path)
-    checkpoint_args = ModelArgs.from_name(args.model_name_or_path) if preset else read_args(args.model_name_or_path)
+    checkpoint_args = (
+        ModelArgs.from_name(args.model_name_or_path) if preset else read_model_args(args.model_name_or_path)
+    )
     tokenizer_path = args.tokenizer_path or os.path.join(args.model_name_or_path, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.n_words > checkpoint_args.vocab_size:

@@ -31,7 +31,7 @@ from checkpoint import (
     checked_tensors,
     hf_key,
     load_model,
-    read_args,
+    read_model_args,
     read_tensor,
     save_hf_checkpoint,
     weight_index,
@@ -73,7 +73,7 @@ def raw_tensors(path_raw: str, target: ModelArgs, read_data: bool = True) -> Ite
     """raw's tensors in fp32, one at a time (any format checkpoint.load_model reads), checked against the shapes
     of the model of `target`, the embeddings with their `[PAD]` row. The row's mean is taken in fp32 on the CPU,
     as the original takes it, so the same raw always gives the same row."""
-    raw_args = read_args(path_raw)
+    raw_args = read_model_args(path_raw)
     for field in ARCHITECTURE:
         if getattr(raw_args, field) != getattr(target, field):
             raise ValueError(
@@ -156,7 +156,7 @@ def make_diff(
 ) -> None:
     """path_diff = path_tuned - path_raw in fp32, with path_tuned's config and tokenizer files, and the SHA-256 of
     each tensor that raw + diff gives."""
-    tuned_args = read_args(path_tuned)
+    tuned_args = read_model_args(path_tuned)
     files = hf_tensors(path_tuned, tuned_args, path_raw)
     checksums = {}
 
@@ -201,7 +201,7 @@ def recover(
 ) -> None:
     """path_tuned = path_raw + path_diff in fp32, with the diff's config and tokenizer files; each tensor checked
     against the diff's SHA-256, when it has them, before path_tuned takes its name."""
-    diff_args = read_args(path_diff)
+    diff_args = read_model_args(path_diff)
     files = hf_tensors(path_diff, diff_args, path_raw)
     checksums = read_checksums(path_diff)
     if checksums is not None and (unknown := checksums.keys() - {hf_key(name) for name in files}):

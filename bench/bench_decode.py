@@ -74,7 +74,7 @@ def decode_speed(model, prompt_ids: list[list[int]], new_tokens: int, decode_ste
 def products_speed(model, runs: int) -> float:
     """Tokens/s of a step that did nothing but its linear products, each on one row: where the rest of a step
     goes is the per-token overhead (attention, the elementwise work, Python)."""
-    a = model.args
+    a = model.model_args
     products = [(model.lm_head, a.dim)]
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp

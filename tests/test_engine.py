@@ -116,7 +116,7 @@ class FaultyModel(torch.nn.Module):
     def __init__(self, model, poison: int, fail_at: int | None = None):
         super().__init__()
         self.model, self.poison, self.fail_at, self.decoding_steps = model, poison, fail_at, 0
-        self.args, self.embed_tokens, self.layers = model.args, model.embed_tokens, model.layers
+        self.model_args, self.embed_tokens, self.layers = model.model_args, model.embed_tokens, model.layers
 
     def setup_cache(self, rows, slots):
         self.model.setup_cache(rows, slots)
@@ -202,5 +202,5 @@ def test_logits_handed_out_are_transformers(model_dir, model, tokenizer, prompt_
 
 def test_cache_cost_per_row(model):
     engine = Engine(model, 2, max_batch_size=2)
-    a = model.args
+    a = model.model_args
     assert engine.cache_bytes_per_row() == 2 * a.n_layers * a.n_kv_heads * a.head_dim * (a.max_seq_len + 1) * 4

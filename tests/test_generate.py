@@ -157,7 +157,7 @@ def test_compiled_steps_are_told_apart_by_model_and_batch(model_dir):
     assert library_path(weights_digest(same), same, 1, 128) == path
     assert library_path(weights_digest(changed), changed, 1, 128) != path
     assert library_path(weights_digest(same), same, 2, 128) != path
-    same.args.rope_theta *= 2  # the same weights, another model
+    same.model_args.rope_theta *= 2  # the same weights, another model
     assert library_path(weights_digest(same), same, 1, 128) != path
 
 

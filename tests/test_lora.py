@@ -197,7 +197,7 @@ def test_lora_leaves_the_base_bit_identical(fp32_runs, tiny_model):
 
 LORA_STEPS = """
 import json, sys, torch
-from checkpoint import read_args
+from checkpoint import read_model_args
 from data import load_dataset, rank_micro_batches
 from distributed import build_model, init_adapters, load_sharded_weights, setup_distributed
 from tokenizer import Tokenizer
@@ -205,8 +205,8 @@ from train import make_optimizer, parse_args, train_step
 model_path, data_path = sys.argv[1:3]
 args = parse_args(["--model_name_or_path", model_path, "--data_path", data_path, "--lora_r", "4"])
 _, _, device = setup_distributed()
-model = build_model(read_args(model_path), args, device)
-load_sharded_weights(model, model_path, read_args(model_path))
+model = build_model(read_model_args(model_path), args, device)
+load_sharded_weights(model, model_path, read_model_args(model_path))
 init_adapters(model, args.seed)
 before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
 optimizer = make_optimizer(model, args)

@@ -11,7 +11,7 @@ import torch
 from conftest import hf_to_meta_qk
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from checkpoint import add_pad_rows, args_from_hf_config, hf_config, load_model, read_args, save_hf_checkpoint
+from checkpoint import add_pad_rows, args_from_hf_config, hf_config, load_model, read_model_args, save_hf_checkpoint
 from model import ModelArgs, Transformer, chunked_cross_entropy, count_parameters, document_mask
 
 CONFIGS = {
@@ -62,10 +62,12 @@ def test_logits_match_transformers_both_ways(name, tmp_path, tokenizer_model):
     tokens = torch.randint(0, config["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
 
     ours = load_model(str(tmp_path / "hf"))
-    assert ours.args.tie_word_embeddings == config["tie_word_embeddings"]
+    assert ours.model_args.tie_word_embeddings == config["tie_word_embeddings"]
     assert (our_logits(ours, tokens) - hf_logits(ref, tokens)).abs().max() <= 1e-5
 
-    save_hf_checkpoint(str(tmp_path / "ours"), ours.args, ours.named_parameters(), str(tokenizer_model), torch.float32)
+    save_hf_checkpoint(
+        str(tmp_path / "ours"), ours.model_args, ours.named_parameters(), str(tokenizer_model), torch.float32
+    )
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
     assert (hf_logits(back, tokens) - our_logits(ours, tokens)).abs().max() <= 1e-5
 
@@ -169,7 +171,7 @@ def test_fused_loss_without_supervised_tokens_is_zero():
 
 def write_meta_checkpoint(model: Transformer, out_dir, n_shards: int) -> None:
     """Meta's layout: interleaved q/k, Meta names, tensors split over model-parallel shards."""
-    a = model.args
+    a = model.model_args
     state = {"tok_embeddings.weight": (model.embed_tokens.weight, 1), "norm.weight": (model.norm.weight, None)}
     state["output.weight"] = (model.lm_head.weight, 0)
     for i, layer in enumerate(model.layers):
@@ -209,7 +211,7 @@ def test_meta_checkpoint_loads_with_permuted_qk(n_shards, tmp_path):
             p.normal_(0, 0.1)
     write_meta_checkpoint(model, tmp_path / "meta", n_shards)
     loaded = load_model(str(tmp_path / "meta"))
-    assert loaded.args.hidden_dim == 192
+    assert loaded.model_args.hidden_dim == 192
     tokens = torch.randint(0, 96, (2, 30))
     assert (our_logits(loaded, tokens) - our_logits(model.eval(), tokens)).abs().max() <= 1e-5
 
@@ -219,7 +221,7 @@ def test_sharded_save_round_trip(tmp_path, tokenizer_model):
     ref.save_pretrained(tmp_path / "hf")
     ours = load_model(str(tmp_path / "hf"))
     out = tmp_path / "sharded"
-    save_hf_checkpoint(str(out), ours.args, ours.named_parameters(), str(tokenizer_model), torch.float32, 20_000)
+    save_hf_checkpoint(str(out), ours.model_args, ours.named_parameters(), str(tokenizer_model), torch.float32, 20_000)
     shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -310,7 +312,7 @@ def test_loading_memory_is_one_model(tmp_path):
 
 def test_missing_directory_and_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        read_args(str(tmp_path / "nope"))
+        read_model_args(str(tmp_path / "nope"))
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS["mha-theta1e4-untied-oddvocab"]))
     with pytest.raises(FileNotFoundError, match="no weights found"):
         load_model(str(tmp_path))

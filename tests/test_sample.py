@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import engine
 import generate
-from checkpoint import load_model, read_args
+from checkpoint import load_model, read_model_args
 from data import IGNORE_INDEX, format_prompt, load_dataset
 from tokenizer import Tokenizer
 
@@ -104,7 +104,7 @@ def test_tokenizer_has_llamas_conventions(workdir):
 
 def test_model_is_a_small_untied_llama_initialised_as_declared(workdir):
     path = str(workdir / "sample" / "model")
-    args = read_args(path)
+    args = read_model_args(path)
     assert args.vocab_size == Tokenizer(os.path.join(path, "tokenizer.model")).n_words
     assert not args.tie_word_embeddings
     model = load_model(path)
@@ -124,7 +124,7 @@ def test_evaluate_loss_is_the_masked_cross_entropy(workdir, tmp_path, monkeypatc
     data_path = tmp_path / "five.json"
     data_path.write_text(json.dumps(records))
     matches, n_records, loss = generate.evaluate(model, tokenizer, str(data_path), batch_size=2, max_new_tokens=4)
-    dataset = load_dataset(str(data_path), tokenizer, model.args.max_seq_len, cache_dir=str(tmp_path))
+    dataset = load_dataset(str(data_path), tokenizer, model.model_args.max_seq_len, cache_dir=str(tmp_path))
     summed, n_supervised = 0.0, 0
     with torch.no_grad():
         for i in range(len(dataset)):
@@ -180,12 +180,12 @@ def test_the_same_commands_run_on_llamas_tokenizer_and_alpaca_data(tmp_path, tok
     write_sample(tmp_path, "--out", "llama_sample", "--tokenizer", str(tokenizer_model))
     model_dir = tmp_path / "llama_sample" / "model"
     assert (model_dir / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
-    assert read_args(str(model_dir)).vocab_size == 32000
+    assert read_model_args(str(model_dir)).vocab_size == 32000
     args = ["--model_name_or_path", str(model_dir), "--data_path", str(alpaca_sample), "--max_steps", "3"]
     args += ["--model_max_length", "128", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
     torchrun([*args, "--output_dir", "out", "--save_strategy", "no"], tmp_path)
     assert len(metrics(tmp_path / "out")) == 3
-    assert read_args(str(tmp_path / "out")).vocab_size == 32001  # with `[PAD]`
+    assert read_model_args(str(tmp_path / "out")).vocab_size == 32001  # with `[PAD]`
 
 
 @pytest.mark.parametrize(

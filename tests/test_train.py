@@ -38,7 +38,7 @@ def test_two_process_bf16_run_exports_a_transformers_model(tiny_model, alpaca_sa
     assert {"lr", "grad_norm", "supervised_tokens_per_s", "mfu", "peak_memory_gb", "epoch"} <= metrics(out)[0].keys()
 
     ours = load_model(str(out))
-    assert ours.args.vocab_size == 32001 and ours.args.pad_token_id == 32000
+    assert ours.model_args.vocab_size == 32001 and ours.model_args.pad_token_id == 32000
     reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = torch.randint(0, 32001, (2, 48))
     with torch.no_grad():
