@@ -19,3 +19,22 @@ def str2bool(value: str) -> bool:
     if value.lower() in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+# Each range as the error message states it, and its test.
+RANGES = {
+    ">= 0": lambda value: value >= 0,
+    ">= 1": lambda value: value >= 1,
+    "> 0": lambda value: value > 0,
+    "in (0, 1]": lambda value: 0 < value <= 1,
+    "in [0, 1)": lambda value: 0 <= value < 1,
+}
+
+
+def check_ranges(args: argparse.Namespace, ranges: dict[str, str]) -> None:
+    """Raises ValueError naming the first flag whose value is outside its range, e.g. {"top_p": "in (0, 1]"};
+    a flag left unset (None) passes. NaN is in no range."""
+    for flag, bounds in ranges.items():
+        value = getattr(args, flag)
+        if value is not None and not RANGES[bounds](value):
+            raise ValueError(f"--{flag} must be {bounds}, got {value}")

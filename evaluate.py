@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from checkpoint import write_json
-from cli import ArgumentParser
+from cli import ArgumentParser, check_ranges
 from data import format_prompt
 from engine import check_prompt_lengths, generate
 from http_client import error_message, is_worth_retrying, post_json, retry_pause
@@ -434,13 +434,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return args
     if (args.model_outputs is None) == (args.model_path is None):
         raise ValueError("give the model's answers with --model_outputs FILE, or a model to answer with --model_path")
-    for flag in ("max_concurrency", "batch_size", "max_instances"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    check_ranges(
+        args, {"max_concurrency": ">= 1", "batch_size": ">= 1", "max_instances": ">= 1", "temperature": ">= 0"}
+    )
     if args.max_instances is not None and args.model_path is None:
         raise ValueError("--max_instances goes with --model_path (the answers of --model_outputs are all judged)")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if args.output_path is None:
         if args.model_outputs is not None:
             args.output_path = os.path.dirname(os.path.abspath(args.model_outputs))

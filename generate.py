@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from cli import ArgumentParser
+from cli import ArgumentParser, check_ranges
 from data import decode_text, format_prompt, load_dataset, parse_records, rank_micro_batches, read_records
 from engine import Engine, Request, TextStream, check_prompt_lengths, generate, row_seeds
 from loading import add_model_flags, load_for_decoding, load_tokenizer, model_path_or_default
@@ -140,14 +140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError("--input goes with a single prompt; give inputs in Alpaca JSON records with --prompts")
     if args.raw and args.input is not None:
         raise ValueError("--raw uses the prompt as it is, so there is no template to put --input in")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
-    for flag in ("top_k", "max_new_tokens", "batch_size"):
-        lowest = 0 if flag == "top_k" else 1
-        if getattr(args, flag) < lowest:
-            raise ValueError(f"--{flag} must be >= {lowest}, got {getattr(args, flag)}")
+    check_ranges(
+        args,
+        {"temperature": ">= 0", "top_p": "in (0, 1]", "top_k": ">= 0", "max_new_tokens": ">= 1", "batch_size": ">= 1"},
+    )
     args.model_path = model_path_or_default(args.model_path)
     return args
 

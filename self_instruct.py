@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoint import write_json
-from cli import ArgumentParser
+from cli import ArgumentParser, check_ranges
 from data import decode_text, json_lines
 from engine import Engine, Request, check_prompt_lengths, row_seeds
 from http_client import error_message, is_worth_retrying, post_json, retry_pause
@@ -572,19 +572,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.api_base is None) == (args.model_path is None):
         raise ValueError("give one backend: --api_base URL (an OpenAI-compatible endpoint) or --model_path DIR")
-    for flag in (
-        "num_instructions_to_generate", "num_prompt_instructions", "request_batch_size", "max_requests",
-        "max_concurrency",
-    ):  # fmt: skip
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    counts = ["num_instructions_to_generate", "num_prompt_instructions", "request_batch_size", "max_requests"]
+    check_ranges(
+        args, dict.fromkeys([*counts, "max_concurrency"], ">= 1") | {"temperature": ">= 0", "top_p": "in (0, 1]"}
+    )
     if args.model_path is not None and args.api_type != "completions":
         raise ValueError("--api_type is for --api_base: --model_path decodes a request's prompts as the "
                          "completions endpoint does")  # fmt: skip
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
     return args
 
 

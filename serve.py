@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cli import ArgumentParser
+from cli import ArgumentParser, check_ranges
 from data import format_prompt
 from engine import Engine, QueueFull, Request, TextStream, check_prompt_lengths
 from loading import add_model_flags, load_for_decoding, load_tokenizer, model_path_or_default
@@ -738,12 +738,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
 
     args = parser.parse_args(argv)
-    if args.max_batch_size < 1:
-        raise ValueError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
-    if args.max_queue < 0:
-        raise ValueError(f"--max_queue must be >= 0, got {args.max_queue}")
-    if not args.timeout > 0:
-        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+    check_ranges(args, {"max_batch_size": ">= 1", "max_queue": ">= 0", "timeout": "> 0"})
     if args.api_key == "":
         raise ValueError("--api_key is empty (or $ALPACA_API_KEY is set to nothing): give a key, or none")
     args.model_path = model_path_or_default(args.model_path)

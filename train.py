@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from checkpoint import adapter_config, check_weights, read_model_args, save_adapter, save_hf_checkpoint
-from cli import ArgumentParser, str2bool
+from cli import ArgumentParser, check_ranges, str2bool
 from data import Batch, Dataset, epoch_steps, load_dataset, rank_micro_batches
 from distributed import (
     FSDP_STRATEGIES,
@@ -186,26 +186,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--report_to {package}: the {package} package is not installed (pip install {package})"
             ) from None
-    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps"]
-    positive += ["save_steps"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ["learning_rate", "num_train_epochs", "adam_epsilon", "max_grad_norm"]:
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.weight_decay < 0:
-        raise ValueError(f"--weight_decay must be >= 0, got {args.weight_decay}")
-    for name in ["adam_beta1", "adam_beta2"]:
-        if not 0 <= getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    for name in ["dry_run_gpus", "dry_run_nodes", "dry_run_records"]:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise ValueError(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
+    counts = ["per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps"]
+    counts += ["save_steps", "save_total_limit", "dry_run_gpus", "dry_run_nodes", "dry_run_records"]
+    amounts = ["learning_rate", "num_train_epochs", "adam_epsilon", "max_grad_norm"]
+    fractions = ["warmup_ratio", "adam_beta1", "adam_beta2"]
+    check_ranges(
+        args,
+        dict.fromkeys(counts, ">= 1") | dict.fromkeys(amounts, "> 0") | dict.fromkeys(fractions, "in [0, 1)")
+        | {"weight_decay": ">= 0"},
+    )  # fmt: skip
     if args.dry_run_nodes > 1 and (args.dry_run_gpus is None or args.dry_run_gpus % args.dry_run_nodes):
         raise ValueError(
             f"--dry_run_nodes {args.dry_run_nodes}: needs --dry_run_gpus, a multiple of it (the GPUs of all machines)"
@@ -219,12 +208,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_lora_args(args: argparse.Namespace) -> None:
-    if args.lora_r <= 0:
-        raise ValueError(f"--lora_r must be a positive integer, got {args.lora_r}")
-    if not args.lora_alpha > 0:
-        raise ValueError(f"--lora_alpha must be positive, got {args.lora_alpha}")
-    if not 0 <= args.lora_dropout < 1:
-        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    check_ranges(args, {"lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "in [0, 1)"})
     if unknown := [m for m in args.lora_target_modules if m not in LORA_TARGETS]:
         raise ValueError(
             f"--lora_target_modules: unknown module {unknown[0]!r}; expected some of {', '.join(LORA_TARGETS)}"

@@ -373,9 +373,9 @@ BAD_INPUTS = {
     "output dir under a file":
         (TRAIN, lambda b, o: train(b, b.root / "a_file" / "out"), "a_file is a file, not a directory", 1),
     "negative learning rate":
-        (TRAIN, lambda b, o: train(b, o, learning_rate=-1), "--learning_rate must be positive, got -1.0", 1),
+        (TRAIN, lambda b, o: train(b, o, learning_rate=-1), "--learning_rate must be > 0, got -1.0", 1),
     "save_steps 0":
-        (TRAIN, lambda b, o: train(b, o, save_steps=0), "--save_steps must be a positive integer, got 0", 1),
+        (TRAIN, lambda b, o: train(b, o, save_steps=0), "--save_steps must be >= 1, got 0", 1),
     "generate: model directory missing":
         (GENERATE, lambda b, o: ["--model_path", b.root / "no_model", "Hi"],
          "no_model: checkpoint directory not found", 1),

@@ -299,7 +299,7 @@ def test_lora_bf16_two_processes_train_the_adapters_only(tiny_model, small_data,
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--lora_r", "0"], "--lora_r must be a positive integer, got 0"),
+        (["--lora_r", "0"], "--lora_r must be >= 1, got 0"),
         (["--lora_r", "8", "--lora_target_modules", "q_proj,qkv"], "--lora_target_modules: unknown module 'qkv'"),
         (["--lora_r", "8", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
         (["--save_merged", "True"], "--save_merged goes with --lora_r"),

@@ -178,10 +178,10 @@ def test_original_launch_line_runs(tiny_model, small_data, tmp_path):
     "flags, expected",
     [
         (["--deepspeed", "./configs/default_offload_opt_param.json"], "--cpu_offload"),
-        (["--learning_rate", "-1"], "--learning_rate must be positive"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0"),
         (["--bf16", "maybe"], "expected True or False"),
         (["--lr_scheduler_type", "linear"], "invalid choice"),
-        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
         (["--fsdp", "hybrid_shard"], "--fsdp 'hybrid_shard'"),
         (["--dry_run", "--dry_run_nodes", "2"], "--dry_run_nodes 2: needs --dry_run_gpus"),
         (["--dry_run", "--dry_run_gpus", "3", "--dry_run_nodes", "2"], "--dry_run_nodes 2: needs --dry_run_gpus"),
