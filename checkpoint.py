@@ -149,11 +149,11 @@ def check_weights(path: str, checkpoint_args: ModelArgs, model_args: ModelArgs) 
 
 
 def checked_tensors(
-    path: str, checkpoint_args: ModelArgs, model: Transformer, read_data: bool = True
+    path: str, checkpoint_args: ModelArgs, model: Transformer, read_data: bool = True, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, Tensor]]:
     """(parameter name, tensor) for every parameter of `model` from the checkpoint at path, each checked for
-    its name and shape; embeddings of the checkpoint's vocabulary grow to the model's (the added `[PAD]`).
-    With read_data=False nothing but the file headers is read (see iter_checkpoint)."""
+    its name and shape; embeddings of the checkpoint's vocabulary grow to the model's (the added `[PAD]`), after
+    conversion to `dtype` if given. With read_data=False nothing but the file headers is read (see iter_checkpoint)."""
     # A tied lm_head is embed_tokens itself, so not named again; LoRA adapters are no part of a base checkpoint.
     expected = {name: p for name, p in model.named_parameters() if ".lora_" not in name}
     found = set()
@@ -162,6 +162,8 @@ def checked_tensors(
             continue
         if name not in expected:
             raise ValueError(f"{path}: unexpected tensor {name!r} for a LLaMA model")
+        if dtype is not None:
+            tensor = tensor.to(dtype)
         if name in ("embed_tokens.weight", "lm_head.weight") and tensor.shape[0] == checkpoint_args.vocab_size:
             tensor = add_pad_rows(tensor, expected[name].shape[0])
         if tensor.shape != expected[name].shape:
@@ -189,22 +191,57 @@ def iter_checkpoint(path: str, args: ModelArgs, read_data: bool = True) -> Itera
     where it belongs (or shard it) before the next is read: never two copies of the model in memory.
     With read_data=False the tensors are on the meta device, from the file headers alone: every name and
     shape (and a truncated file) can be checked in a second at any model size, before anything slow runs."""
-    files = sorted(os.listdir(path))
-    safetensors = [f for f in files if f.endswith(".safetensors")]
-    bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
-    meta = [f for f in files if f.startswith("consolidated.") and f.endswith(".pth")]
-    if os.path.isfile(os.path.join(path, "config.json")) and (safetensors or bins):
-        if safetensors:
-            files = _shard_files(path, safetensors, "model.safetensors.index.json")
-            yield from _iter_safetensors(path, files, read_data)
-        else:
-            yield from _iter_bins(path, _shard_files(path, bins, "pytorch_model.bin.index.json"), read_data)
+    meta = [f for f in sorted(os.listdir(path)) if f.startswith("consolidated.") and f.endswith(".pth")]
+    if os.path.isfile(os.path.join(path, "config.json")) and (files := hf_weight_files(path)):
+        for f in files:
+            yield from _read_weight_file(os.path.join(path, f), read_data)
     elif os.path.isfile(os.path.join(path, "params.json")) and meta:
         yield from _iter_meta(path, meta, args, read_data)
     else:
         raise FileNotFoundError(
             f"{path}: no weights found (model*.safetensors, pytorch_model*.bin or consolidated.*.pth)"
         )
+
+
+def hf_weight_files(path: str) -> list[str]:
+    """The weight files of a Hugging Face directory: its safetensors shards, else its pytorch_model*.bin shards
+    (those of the index, if there is one); none if it has neither."""
+    files = sorted(os.listdir(path))
+    if safetensors := [f for f in files if f.endswith(".safetensors")]:
+        return _shard_files(path, safetensors, "model.safetensors.index.json")
+    bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
+    return _shard_files(path, bins, "pytorch_model.bin.index.json") if bins else []
+
+
+def weight_index(path: str) -> dict[str, tuple[str, Tensor]]:
+    """Our parameter name -> (the file that holds it, its meta tensor) for a Hugging Face directory, from the
+    file headers alone: for reading its tensors one at a time in any order with read_tensor."""
+    if not os.path.isfile(os.path.join(path, "config.json")) or not (files := hf_weight_files(path)):
+        raise FileNotFoundError(
+            f"{path}: not a Hugging Face model directory (config.json and model*.safetensors or pytorch_model*.bin)"
+        )
+    index = {}
+    for f in files:
+        file_path = os.path.join(path, f)
+        index.update({name: (file_path, tensor) for name, tensor in _read_weight_file(file_path, read_data=False)})
+    return index
+
+
+def read_tensor(file_path: str, name: str) -> Tensor:
+    """One tensor, by our parameter name, of a safetensors or pytorch_model*.bin file, in memory of its own: a
+    .bin's memory map is let go, so reading a model tensor by tensor in any order holds only the tensors kept."""
+    for _, tensor in _read_weight_file(file_path, read_data=True, only=name):
+        return tensor if file_path.endswith(".safetensors") else tensor.clone()
+    raise ValueError(f"{file_path}: no tensor {hf_key(name)!r}")
+
+
+def _read_weight_file(file_path: str, read_data: bool, only: str | None = None) -> Iterator[tuple[str, Tensor]]:
+    if file_path.endswith(".safetensors"):
+        yield from _read_safetensors(file_path, read_data, only)
+        return
+    for name, tensor in _iter_bins(os.path.dirname(file_path), [os.path.basename(file_path)], read_data):
+        if only is None or name == only:
+            yield name, tensor
 
 
 def _shard_files(path: str, found: list[str], index_name: str) -> list[str]:
@@ -239,15 +276,11 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _iter_safetensors(path: str, files: list[str], read_data: bool) -> Iterator[tuple[str, Tensor]]:
-    for f in files:
-        yield from _read_safetensors(os.path.join(path, f), read_data)
-
-
-def _read_safetensors(file_path: str, read_data: bool) -> Iterator[tuple[str, Tensor]]:
-    """Reads each tensor straight into fresh memory with readinto. The format is an 8-byte header length, a
-    JSON header of {name: {dtype, shape, data_offsets}}, then the data. Not memory-mapping the file matters:
-    mapped pages count as resident on top of the copies, which would double peak memory while loading."""
+def _read_safetensors(file_path: str, read_data: bool, only: str | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Reads each tensor (or the one named `only`) straight into fresh memory with readinto. The format is an
+    8-byte header length, a JSON header of {name: {dtype, shape, data_offsets}}, then the data. Not memory-mapping
+    the file matters: mapped pages count as resident on top of the copies, which would double peak memory while
+    loading."""
     size = os.path.getsize(file_path)
     with open(file_path, "rb") as f:
         try:
@@ -264,7 +297,7 @@ def _read_safetensors(file_path: str, read_data: bool) -> Iterator[tuple[str, Te
             if data_start + end > size:
                 raise ValueError(f"{file_path}: truncated: tensor {key!r} ends at byte {data_start + end} of {size}")
             name = _hf_name(key)
-            if name is None:
+            if name is None or (only is not None and name != only):
                 continue
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{file_path}: tensor {key!r} has unsupported dtype {info['dtype']}")
@@ -377,8 +410,7 @@ def save_hf_checkpoint(
         size = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + size > max_shard_bytes:
             flush()
-        key = name if name == "lm_head.weight" else f"model.{name}"
-        shard[key] = tensor
+        shard[hf_key(name)] = tensor
         shard_bytes += size
     if shard or not shard_files:
         flush()
@@ -406,6 +438,11 @@ def save_hf_checkpoint(
     )
     if tokenizer_path is not None:
         save_tokenizer_files(out_dir, tokenizer_path, args)
+
+
+def hf_key(name: str) -> str:
+    """Our parameter name -> its key in HF's LlamaForCausalLM."""
+    return name if name == "lm_head.weight" else f"model.{name}"
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:

@@ -4,7 +4,7 @@ import os
 
 from sentencepiece import SentencePieceProcessor
 
-PAD_PIECE = "[PAD]"
+PAD_PIECE = "[PAD]"  # how the added pad token reads where a token is shown as text (serve.py's logprobs)
 
 
 class Tokenizer:

@@ -10,6 +10,7 @@ train_checkpoint.py saves and resumes, plan.py schedules and plans (--dry_run).
 """
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -76,6 +77,9 @@ SAMPLE_DEFAULTS = dict(
 )
 
 
+REPORT_TO = ["none", "tensorboard", "wandb"]
+
+
 def module_list(value: str) -> list[str]:
     """'q_proj,v_proj', or alpaca-lora's '[q_proj,v_proj]' (quotes and spaces allowed)."""
     return [name.strip(" '\"") for name in value.strip().removeprefix("[").removesuffix("]").split(",")]
@@ -101,7 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--adam_epsilon", type=float, default=1e-8)
     g("--max_grad_norm", type=float, default=1.0)
     g("--warmup_ratio", type=float, default=0.03)
-    g("--lr_scheduler_type", default="cosine", choices=["cosine"])
     g("--seed", type=int, default=42)
     flag("--bf16", default=True, help="bf16 compute, fp32 master weights and gradient reduction")
     flag("--tf32", default=True, help="TF32 for the fp32 matmuls that remain (CUDA)")
@@ -111,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flag("--compile", default=False, help="torch.compile each decoder block")
     flag("--skip_nonfinite", default=False, help="skip a step whose loss or gradient norm is not finite, not stop")
     g("--logging_steps", type=int, default=1)
+    g("--report_to", nargs="+", default=["none"], choices=REPORT_TO, metavar="{none,tensorboard,wandb}",
+      help="where each logged step also goes: tensorboard (events in output_dir/runs/), wandb (WANDB_MODE=offline "
+      "works without a network), or none (default): metrics.jsonl only")  # fmt: skip
     g("--save_strategy", default="steps", choices=["steps", "epoch", "no"])
     g("--save_steps", type=int, default=2000)
     g("--save_total_limit", type=int, default=None)
@@ -128,12 +134,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--dry_run_records", type=int, help="plan for this many records with the data's length distribution")
     g("--dry_run_gpu_memory_gb", type=float, default=80)
     g("--dry_run_mfu", type=float, default=0.45, help="MFU assumed for the time estimate")
-    # Trainer flags of the original launch line, accepted where they change nothing here.
+    # Trainer flags of the original launch line. --fsdp picks the sharding strategy; the others are checked to ask for
+    # what this loop does (each decoder layer wrapped; no DeepSpeed).
     g("--fsdp", default="full_shard auto_wrap")
     g("--fsdp_transformer_layer_cls_to_wrap", default="LlamaDecoderLayer")
-    g("--evaluation_strategy", "--eval_strategy", default="no")
-    g("--per_device_eval_batch_size", type=int, default=4)
     g("--deepspeed", help="not supported: use --cpu_offload")
+    # Accepted for the original launch line and never read: the schedule is always warmup + cosine, and nothing is
+    # evaluated during training.
+    g("--lr_scheduler_type", default="cosine", choices=["cosine"])
+    g("--evaluation_strategy", "--eval_strategy", default="no", choices=["no"])
+    g("--per_device_eval_batch_size", type=int, default=4)
     args = p.parse_args(argv)
     if args.model_name_or_path is None:
         p.set_defaults(**SAMPLE_DEFAULTS)
@@ -169,8 +179,13 @@ def check_args(args: argparse.Namespace) -> None:
             f"--fsdp_transformer_layer_cls_to_wrap {args.fsdp_transformer_layer_cls_to_wrap!r}: "
             "each LLaMA decoder layer is always wrapped; expected LlamaDecoderLayer"
         )
-    if args.evaluation_strategy != "no":
-        raise ValueError(f"--evaluation_strategy {args.evaluation_strategy!r}: only 'no' is supported")
+    for package in set(args.report_to) - {"none"}:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise ValueError(
+                f"--report_to {package}: the {package} package is not installed (pip install {package})"
+            ) from None
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps"]
     positive += ["save_steps"]
     for name in positive:
@@ -368,8 +383,12 @@ def train(args: argparse.Namespace) -> None:
         if rank == 0:
             print(f"resumed from {resume} at step {start_step}", file=sys.stderr)
 
-    run = Run(args, model_args, dataset, plan, device, pad_id)
-    run_steps(model, optimizer, run, start_step, last_checkpoint=resume)
+    run = Run(args, model_args, dataset, plan, device, pad_id, Reporters(args) if rank == 0 else None)
+    try:
+        run_steps(model, optimizer, run, start_step, last_checkpoint=resume)
+    finally:
+        if run.reporters is not None:
+            run.reporters.close()
     export(model, run, tokenizer_path)
 
 
@@ -383,6 +402,7 @@ class Run:
     plan: Schedule
     device: torch.device
     pad_id: int
+    reporters: "Reporters | None"  # rank 0's; None on the other ranks
 
     def trainer_state(self) -> dict:
         """What a checkpoint records so that a resumed run can check it continues the same run."""
@@ -478,12 +498,46 @@ def log_metrics(step: int, epoch: float, loss: float, lr: float, grad_norm: floa
         return
     with open(os.path.join(run.args.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    run.reporters.log(record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     mfu = f" mfu {record['mfu']:.1%}" if peak else ""
     bar.write(
         f"step {step} epoch {record['epoch']:.2f} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
         f"{record['supervised_tokens_per_s']:.0f} sup tok/s{mfu} mem {record['peak_memory_gb']:.2f} GB"
     )
+
+
+class Reporters:
+    """--report_to: every metrics.jsonl record also goes, as the scalars train/<field> at its step (lr as
+    train/learning_rate, the Trainer's name), to TensorBoard and/or Weights & Biases. Rank 0's only. Each package is
+    imported here, so that --report_to none costs nothing."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in args.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=os.path.join(args.output_dir, "runs"))
+        if "wandb" in args.report_to:
+            import wandb
+
+            self.wandb = wandb.init(dir=args.output_dir, config=vars(args))
+
+    def log(self, record: dict) -> None:
+        scalars = {f"train/{'learning_rate' if k == 'lr' else k}": v for k, v in record.items() if k != "step"}
+        scalars = {tag: value for tag, value in scalars.items() if value is not None}  # mfu of an unknown device
+        if self.tensorboard is not None:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, record["step"])
+            self.tensorboard.flush()  # a run that stops still shows every step it logged
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def export(model: Transformer, run: Run, tokenizer_path: str) -> None:

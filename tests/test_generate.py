@@ -194,7 +194,8 @@ print(rss[79], rss[-1])
 def test_memory_stays_flat_for_prompts_of_new_lengths():
     """The CPU keeps the matmul kernels it builds for each new prompt length unless model.cap_cpu_kernel_caches
     caps them, as generate.py does on the CPU: 150 prompts, each one token longer than the last. Uncapped,
-    resident memory grows by a few MB a prompt, which this test must see too, or it could not tell."""
+    resident memory grows by a few MB a prompt (on an AMD EPYC), which this test must see too, or it could not
+    tell: where it does not grow, the test is skipped."""
     growth = {}
     for capped in (False, True):
         script = f"CAPPED = {capped}\n" + NEW_PROMPT_LENGTH_EVERY_CALL
@@ -202,7 +203,9 @@ def test_memory_stays_flat_for_prompts_of_new_lengths():
                              capture_output=True, text=True, check=True)  # fmt: skip
         at_80, at_150 = map(int, out.stdout.split())
         growth[capped] = at_150 / at_80
-    assert growth[False] >= 1.2 and growth[True] <= 1.05, growth
+    assert growth[True] <= 1.05, growth
+    if growth[False] < 1.2:  # seen on an Intel Xeon with AMX, whose oneDNN kernels are small: nothing to cap there
+        pytest.skip(f"uncapped, this CPU's memory grew only {growth[False]:.3f}x: the cap cannot be told apart here")
 
 
 def test_sampling_repeats_with_a_seed(model, tokenizer):

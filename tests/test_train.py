@@ -1,5 +1,7 @@
 """train.py end to end on the CPU: torchrun with 2 gloo processes against 1 process, resume, schedule, flags."""
 
+import glob
+import json
 import math
 import os
 import re
@@ -8,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import CACHE, ROOT, TRAIN, assert_same_weights, common, metrics, run, weights
@@ -182,7 +185,7 @@ def test_original_launch_line_runs(tiny_model, small_data, tmp_path):
         (["--fsdp", "hybrid_shard"], "--fsdp 'hybrid_shard'"),
         (["--dry_run", "--dry_run_nodes", "2"], "--dry_run_nodes 2: needs --dry_run_gpus"),
         (["--dry_run", "--dry_run_gpus", "3", "--dry_run_nodes", "2"], "--dry_run_nodes 2: needs --dry_run_gpus"),
-        (["--evaluation_strategy", "steps"], "only 'no'"),
+        (["--evaluation_strategy", "steps"], "invalid choice: 'steps' (choose from 'no')"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
     ],
 )
@@ -216,8 +219,11 @@ def test_dry_run_plans_cpu_offload(tmp_path, tokenizer_model, alpaca_sample):
     assert copies == pytest.approx(9 * 4 * 6.738e9 / 8 / 1e9, rel=0.01)
 
 
-def test_dry_run_memory_matches_measured_peak(tmp_path, tokenizer_model, alpaca_sample):
-    """The dry run's per-rank memory for a CPU run against the peak resident memory that run reaches."""
+def test_dry_run_memory_against_the_measured_peak(tmp_path, tokenizer_model, alpaca_sample):
+    """The dry run's per-rank memory for a CPU run against the peak resident memory that run reaches. The plan adds
+    up the bytes the parts of a step hold; resident memory on the CPU is more, and grows over the first steps:
+    glibc keeps every freed block (distributed.tune_cpu_allocations) and the heap fragments. So the plan is about a
+    lower bound: two steps here reach 1.00-1.06x of it, longer runs more (the range in BENCHMARKS.md)."""
     from checkpoint import save_hf_checkpoint
     from model import ModelArgs, Transformer
 
@@ -230,4 +236,86 @@ def test_dry_run_memory_matches_measured_peak(tmp_path, tokenizer_model, alpaca_
     planned = float(re.search(r"= ([\d.]+) GB", plan).group(1))
     run(flags, nproc=2)
     measured = max(m["peak_memory_gb"] for m in metrics(tmp_path / "out"))
-    assert abs(planned - measured) <= 0.2 * measured, (planned, measured, plan)
+    assert 0.95 * planned <= measured <= 4 / 3 * planned, (planned, measured, plan)
+
+
+def test_report_to_tensorboard_has_metrics_jsonl_step_by_step(tiny_model, small_data, tmp_path):
+    """Rank 0 alone writes TensorBoard events under output_dir/runs/: every field of metrics.jsonl, at every step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    flags = common(tiny_model, small_data, out, max_steps=4, per_device_train_batch_size=2)
+    run([*flags, "--gradient_accumulation_steps", "2", "--report_to", "tensorboard"], nproc=2)
+    files = [os.path.join(folder, f) for folder, _, names in os.walk(out / "runs") for f in names]
+    assert len(files) == 1 and ".tfevents." in files[0], files
+    events = EventAccumulator(files[0])
+    events.Reload()
+    logged = metrics(out)
+    assert len(logged) == 4
+    fields = {f"train/{'learning_rate' if key == 'lr' else key}": key for key in logged[0] if key != "step"}
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "train/mfu"} <= fields.keys()
+    assert sorted(events.Tags()["scalars"]) == sorted(fields)
+    for tag, key in fields.items():  # TensorBoard keeps float32
+        expected = [(m["step"], float(np.float32(m[key]))) for m in logged]
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == expected, tag
+
+
+def wandb_history(path: str) -> list[dict]:
+    """The logged steps of a .wandb file: protobuf records (wandb.proto's Record) in LevelDB's log format (32 KiB
+    blocks of chunks, each with a 7-byte header: CRC, length, type), after a 7-byte file header. wandb 0.31 ships no
+    reader for it."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    with open(path, "rb") as f:
+        data = f.read()
+    steps, position, pending = [], 7, b""
+    while position + 7 <= len(data):
+        if (room := 32768 - position % 32768) < 7:  # a block's tail too short for a header is padding
+            position += room
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        if kind == 0:
+            break
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                steps.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    return steps
+
+
+def test_report_to_wandb_offline(tiny_model, small_data, tmp_path, monkeypatch):
+    """WANDB_MODE=offline: a run under output_dir/wandb/ that logged every field of metrics.jsonl at every step."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run([*common(tiny_model, small_data, out, max_steps=3, per_device_train_batch_size=2), "--report_to", "wandb"])
+    [run_file] = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history, logged = wandb_history(run_file), metrics(out)
+    assert len(history) == len(logged) == 3
+    for step, m in zip(history, logged, strict=True):
+        assert step["_step"] == m["step"]
+        assert {k: v for k, v in step.items() if k.startswith("train/")} == {
+            f"train/{'learning_rate' if key == 'lr' else key}": value for key, value in m.items() if key != "step"
+        }
+
+
+def test_report_to_a_missing_package_is_one_line(tmp_path, monkeypatch):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n\n\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in ('tensorboard', 'wandb'):\n"
+        "            raise ModuleNotFoundError(name)\n\n\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(hide))
+    for package in ("tensorboard", "wandb"):
+        result = run(["--output_dir", str(tmp_path / "out"), "--report_to", package], check=False)
+        expected = f"error: --report_to {package}: the {package} package is not installed (pip install {package})\n"
+        assert result.returncode == 1 and result.stderr == expected, result.stderr
+    assert not os.path.exists(tmp_path / "out")
