@@ -172,10 +172,6 @@ class Engine:
             self.waiting.extend(requests)
             self.lock.notify()
 
-    def queued(self) -> int:
-        with self.lock:
-            return len(self.waiting)
-
     # -----------------------------------------------------------------------------------------------------
     # In the thread that owns the model
 

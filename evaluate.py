@@ -427,7 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="--human: address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8001, help="--human: port (default: 8001; 0: any free one)")
     parser.add_argument("--human_report", metavar="DIR", help="print the report of the human votes in DIR")
-    parser.set_defaults(compile=False)  # generate.load_for_decoding reads it; batches of 8 would each compile
+    parser.set_defaults(compile=False)  # loading.load_for_decoding reads it
 
     args = parser.parse_args(argv)
     if args.human_report is not None:

@@ -38,7 +38,8 @@ from checkpoint import (
     write_json,
 )
 from cli import ArgumentParser, str2bool
-from generate import generate, pick_device
+from engine import generate
+from loading import pick_device
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 

@@ -6,7 +6,8 @@ The baseline is serve.py at --baseline_rev (default: main before the engine), ta
 `git archive` into a temporary directory and started from there. Scenarios, each against both servers in turn:
 
 1. short while long: a long answer alone, a short one alone, then the short one sent while the long one decodes;
-   the short one's time against its time alone (target: within 2x).
+   the short one's time against its time alone (target: within 2x). And a prompt of about 900 tokens joining
+   while an answer streams: that answer's longest gap between tokens meanwhile, against its median gap.
 2. Poisson arrivals: --poisson_requests requests at --rate a second (exponential gaps, seeded), answers of 16 to
    256 tokens: p50/p99 time to first token and total generated tokens/s.
 3. 8 clients, each streaming --requests completions of 64 tokens in a row: total tokens/s.
@@ -101,6 +102,35 @@ def short_while_long(port: int, long_prompt: str, short_prompt: str) -> dict[str
         short_beside = stream(port, short_prompt, 8)[1]
         long_run.result()
     return {"long alone": long_alone, "short alone": short_alone, "short beside long": short_beside}
+
+
+def long_prompt_joins(port: int, prompt: str, long_prompt: str) -> dict[str, float]:
+    """The gaps between the streamed tokens of an answer while a prompt of about 900 tokens joins: prefilled a
+    chunk at a time, it should stall the running answer for about a step at a time, not for its whole prefill."""
+    arrivals = []
+
+    def running() -> None:
+        body = {"prompt": prompt, "max_tokens": 200, "temperature": 0, "stream": True}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        for line in connection.getresponse():
+            if line.startswith(b"data: {"):
+                arrivals.append(time.perf_counter())
+
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(running)
+        while len(arrivals) < 20:
+            time.sleep(0.01)
+        joined = time.perf_counter()
+        first_token = stream(port, long_prompt, 1)[0]
+        run.result()
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    during = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if joined <= b <= joined + first_token]
+    return {
+        "median gap": statistics.median(gaps),
+        "longest gap": max(during or gaps),
+        "joiner's first token": first_token,
+    }
 
 
 def poisson(port: int, prompts: list[str], n: int, rate: float, seed: int) -> dict[str, float]:
@@ -218,6 +248,9 @@ def main() -> None:
                     side = runs[name]
                     if "1" in scenarios:
                         side.setdefault("short while long", []).append(short_while_long(server.port, prompts[1], "Hi"))
+                        side.setdefault("long prompt joins", []).append(
+                            long_prompt_joins(server.port, prompts[2], " ".join([prompts[3]] * 12)[:3600])
+                        )
                     if "2" in scenarios:
                         side.setdefault("poisson", []).append(
                             poisson(server.port, prompts, args.poisson_requests, args.rate, seed=0)

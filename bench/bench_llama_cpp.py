@@ -27,7 +27,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 from checkpoint import load_model, save_hf_checkpoint  # noqa: E402
 from data import format_prompt  # noqa: E402
-from generate import generate_ids  # noqa: E402
+from engine import generate_ids  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
