@@ -173,6 +173,8 @@ def human_report(output_path: str) -> str:
 
 
 class HumanServer(ThreadingHTTPServer):
+    api_key = None  # serve.Handler guards /v1/* with a key; this page has no /v1 routes and serves this machine
+
     def __init__(self, address: tuple[str, int], pairs: list[dict], output_path: str):
         self.pairs = check_pairs(pairs)
         self.votes_path = Path(output_path) / VOTES_FILE
