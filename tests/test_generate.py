@@ -204,7 +204,7 @@ def test_memory_stays_flat_for_prompts_of_new_lengths():
         at_80, at_150 = map(int, out.stdout.split())
         growth[capped] = at_150 / at_80
     assert growth[True] <= 1.05, growth
-    if growth[False] < 1.2:  # seen on an Intel Xeon with AMX, whose oneDNN kernels are small: nothing to cap there
+    if growth[False] < 1.2:  # seen on a 2-core Intel Xeon (AVX-512, no AMX): nothing there to cap
         pytest.skip(f"uncapped, this CPU's memory grew only {growth[False]:.3f}x: the cap cannot be told apart here")
 
 
