@@ -39,7 +39,7 @@ class QueueFull(Exception):
 
 
 class CompiledSteps(Protocol):
-    """Compiled decoding steps by batch size (optimize.compile_decoding)."""
+    """Compiled decoding steps by batch size (optimize.CompiledSteps)."""
 
     def prepare(self, rows: int, slots: int) -> None:
         """The engine's KV cache has this shape: the steps to come are for it."""
@@ -112,7 +112,8 @@ class Engine:
     `max_len` positions (default: the model's context) allocated once, so that a request never runs out of
     memory mid-answer: past max_batch_size rows, requests wait in a queue of at most max_queue (None: no
     bound). `compiled` gives compiled decoding steps; prompts always run uncompiled. prefill_chunk fixes the
-    prompt tokens prefilled beside decoding rows (default: as many as cost about one decoding step, timed)."""
+    prompt tokens prefilled beside decoding rows (default: as many as cost about one decoding step, timed).
+    The engine owns the model's KV cache: another engine, or generate_ids, on the same model would replace it."""
 
     def __init__(
         self,
@@ -196,7 +197,11 @@ class Engine:
                     self.lock.wait()
                 if self.stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug of the engine's own: its requests fail, and it goes on
+                for request in self.decoding + self.prefilling:
+                    self.fail(request, e)
 
     def run_until_done(self) -> None:
         while self.waiting or self.decoding or self.prefilling:

@@ -384,6 +384,17 @@ def test_cli_prompts_from_file_and_stdin(monkeypatch, tmp_path, model_dir, model
     assert records[0]["input"] == "Cats chase mice."
 
 
+def test_cli_sampled_answers_do_not_depend_on_the_batch(monkeypatch, tmp_path, model_dir):
+    """Each prompt samples from a seed of its own drawn from --seed: decoded one at a time or three together
+    (joining as rows free up), the answers are the same, and another seed changes them."""
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("\n".join(PROMPTS))
+    args = ["--model_path", str(model_dir), "--temperature", "1", "--max_new_tokens", "20", "--prompts", str(lines)]
+    one_at_a_time = run_cli(monkeypatch, args + ["--seed", "5", "--batch_size", "1"]).getvalue()
+    assert run_cli(monkeypatch, args + ["--seed", "5", "--batch_size", "2"]).getvalue() == one_at_a_time
+    assert run_cli(monkeypatch, args + ["--seed", "6", "--batch_size", "2"]).getvalue() != one_at_a_time
+
+
 def test_cli_compile_gives_the_same_answers(monkeypatch, tmp_path, model_dir, model, tokenizer):
     lines = tmp_path / "prompts.txt"
     lines.write_text("\n".join(PROMPTS))
