@@ -315,15 +315,12 @@ class Engine:
                 self.move_to_row(request, i)
         batch_size = len(self.decoding)
         compiled = self.compiled.get(batch_size) if self.compiled is not None else None
-        width = batch_size if compiled is None else compiled[0]
-        tokens = torch.zeros(width, 1, dtype=torch.long)
-        positions = torch.zeros(width, 1, dtype=torch.long)
-        tokens[:batch_size, 0] = torch.tensor([request.output_ids[-1] for request in self.decoding])
-        positions[:batch_size, 0] = torch.tensor([request.length for request in self.decoding])
-        slots = positions.clone()
-        slots[batch_size:] = self.scratch_slot
-        used = int(positions.max()) + 1
-        mask = (torch.arange(used) <= positions[:, :, None])[:, None]
+        padding = 0 if compiled is None else compiled[0] - batch_size
+        lengths = [request.length for request in self.decoding]
+        tokens = torch.tensor([[request.output_ids[-1]] for request in self.decoding] + [[0]] * padding)
+        positions = torch.tensor([[length] for length in lengths] + [[0]] * padding)
+        slots = torch.tensor([[length] for length in lengths] + [[self.scratch_slot]] * padding)
+        mask = (torch.arange(max(lengths) + 1) <= positions[:, :, None])[:, None]
         inputs = [t.to(self.device) for t in (tokens, positions, mask, slots)]
         start = time.perf_counter()
         try:
