@@ -29,9 +29,9 @@ from torch import Tensor
 from model import Transformer, attention_dtype
 from tokenizer import Tokenizer
 
-FIRST_CHUNK = 64  # prompt tokens beside decoding rows until the engine has timed a step and a prefill
-SMALLEST_CHUNK = 16  # fewer tokens a forward would waste the prefill's matrix products on too few rows
+SMALLEST_CHUNK = 8  # fewer tokens a forward would waste the prefill's matrix products on too few rows
 IDLE_PREFILL_TOKENS = 2048  # prompt tokens in one forward when no row is decoding: bounds its activations
+GATHER_SECONDS = 0.02  # an idle engine waits this long for requests sent at the same moment, to prefill them together
 
 
 class QueueFull(Exception):
@@ -147,8 +147,8 @@ class Engine:
         self.decoding: list[Request] = []  # decoding[i] has cache row i: a step reads rows 0..B-1, a view
         self.prefilling: list[Request] = []  # first come first served, in rows from len(decoding) on
         self.free_rows = set(range(max_batch_size))
-        self.step_seconds: float | None = None  # a decoding step's time, and a prompt token's, smoothed
-        self.prompt_token_seconds: float | None = None
+        self.step_seconds: deque[float] = deque(maxlen=8)  # the last decoding steps' times: the least counts
+        self.chunk = SMALLEST_CHUNK  # prompt tokens prefilled beside decoding rows, timed to cost about a step
         self.stats = dict(prompt_tokens=0, prompt_seconds=0.0, tokens=0, decode_seconds=0.0)
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -193,10 +193,13 @@ class Engine:
     def run(self) -> None:
         while True:
             with self.lock:
+                idle = not (self.waiting or self.decoding or self.prefilling)
                 while not (self.waiting or self.decoding or self.prefilling or self.stopping):
                     self.lock.wait()
                 if self.stopping:
                     return
+            if idle:
+                time.sleep(GATHER_SECONDS)
             try:
                 self.step()
             except Exception as e:  # a bug of the engine's own: its requests fail, and it goes on
@@ -245,22 +248,19 @@ class Engine:
     def prefill_budget(self) -> int:
         if not self.decoding:
             return IDLE_PREFILL_TOKENS
-        if self.prefill_chunk is not None:
-            return self.prefill_chunk
-        if self.step_seconds is None or self.prompt_token_seconds is None:
-            return FIRST_CHUNK
-        return max(SMALLEST_CHUNK, round(self.step_seconds / self.prompt_token_seconds))
+        return self.prefill_chunk or self.chunk
 
     def prefill(self) -> None:
         """The next chunk of the joining prompts, first come first served, in one forward (right-padded); a prompt
         that is complete gives its first token and its request joins the decoding rows."""
-        budget, pieces = self.prefill_budget(), []
+        budget, pieces, beside = self.prefill_budget(), [], bool(self.decoding)
+        left = budget
         for request in self.prefilling:
-            n = min(len(request.prompt_ids) - request.length, budget)
+            n = min(len(request.prompt_ids) - request.length, left)
             if n <= 0:
                 break
             pieces.append((request, n))
-            budget -= n
+            left -= n
         width = max(n for _, n in pieces)
         tokens = torch.zeros(len(pieces), width, dtype=torch.long)
         slots = torch.full((len(pieces), width), self.scratch_slot)  # padding writes to the scratch slot
@@ -301,7 +301,11 @@ class Engine:
         tokens_done = sum(n for _, n in pieces)
         self.stats["prompt_tokens"] += tokens_done
         self.stats["prompt_seconds"] += seconds
-        self.prompt_token_seconds = smooth(self.prompt_token_seconds, seconds / tokens_done)
+        step = min(self.step_seconds, default=None)  # a neighbour's load only ever slows a step down
+        if beside and step is not None and (tokens_done == budget or seconds > step):
+            # The next chunk beside decoding rows as long as this one would have had to be to cost a step (a
+            # prompt's short last piece says little, unless it took longer than a step).
+            self.chunk = min(max(SMALLEST_CHUNK, round(tokens_done * step / seconds)), IDLE_PREFILL_TOKENS)
 
     def decode(self) -> None:
         """One token for every decoding row: one step over cache rows 0..B-1, or a compiled step for a batch of
@@ -311,15 +315,12 @@ class Engine:
                 self.move_to_row(request, i)
         batch_size = len(self.decoding)
         compiled = self.compiled.get(batch_size) if self.compiled is not None else None
-        width = batch_size if compiled is None else compiled[0]
-        tokens = torch.zeros(width, 1, dtype=torch.long)
-        positions = torch.zeros(width, 1, dtype=torch.long)
-        tokens[:batch_size, 0] = torch.tensor([request.output_ids[-1] for request in self.decoding])
-        positions[:batch_size, 0] = torch.tensor([request.length for request in self.decoding])
-        slots = positions.clone()
-        slots[batch_size:] = self.scratch_slot
-        used = int(positions.max()) + 1
-        mask = (torch.arange(used) <= positions[:, :, None])[:, None]
+        padding = 0 if compiled is None else compiled[0] - batch_size
+        lengths = [request.length for request in self.decoding]
+        tokens = torch.tensor([[request.output_ids[-1]] for request in self.decoding] + [[0]] * padding)
+        positions = torch.tensor([[length] for length in lengths] + [[0]] * padding)
+        slots = torch.tensor([[length] for length in lengths] + [[self.scratch_slot]] * padding)
+        mask = (torch.arange(max(lengths) + 1) <= positions[:, :, None])[:, None]
         inputs = [t.to(self.device) for t in (tokens, positions, mask, slots)]
         start = time.perf_counter()
         try:
@@ -336,7 +337,7 @@ class Engine:
         seconds = time.perf_counter() - start
         self.stats["tokens"] += batch_size
         self.stats["decode_seconds"] += seconds
-        self.step_seconds = smooth(self.step_seconds, seconds)
+        self.step_seconds.append(seconds)
         for request in [r for r in self.decoding if r.finish_reason is not None]:
             self.leave(request)
 
@@ -420,10 +421,6 @@ class Engine:
     def cache_bytes_per_row(self) -> int:
         """What a row of the KV cache costs: keys and values of every layer at every position."""
         return sum(layer.self_attn.cache.k[0].nbytes * 2 for layer in self.model.layers)
-
-
-def smooth(average: float | None, value: float) -> float:
-    return value if average is None else 0.8 * average + 0.2 * value
 
 
 # ---------------------------------------------------------------------------------------------------------

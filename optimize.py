@@ -287,7 +287,6 @@ class CompiledSteps:
             for line in builder.stdout:  # one line per step built: its batch size
                 batch_size = int(line)
                 self.add(batch_size, slots, paths[batch_size])
-                print(f"the compiled decoding step for batch {batch_size} is ready", file=sys.stderr, flush=True)
             if builder.wait() != 0:
                 log.seek(0)
                 last_line = (log.read().strip().splitlines() or ["no output"])[-1]
@@ -300,6 +299,7 @@ class CompiledSteps:
         step = AOTDecodeStep(self.model, path, batch_size)
         with self.lock:
             self.ready[batch_size, slots] = step
+        print(f"the compiled decoding step for batch {batch_size} is ready", file=sys.stderr, flush=True)
 
 
 def build_main() -> None:

@@ -181,12 +181,14 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client, engine):
     assert alone[1] != complete(client, **(requests[1] | {"seed": 7})).choices[0].text  # the seed does matter
 
 
-def test_a_short_request_joins_a_long_answer_and_ends_first(client, engine):
+def test_a_short_request_joins_a_long_answer_and_ends_first(server, client, engine):
     """A short request sent while a long answer streams joins the running batch at the next step and ends while
     the long one goes on: it does not wait for it. Both answer as they do alone."""
     long_alone = complete(client, INSTRUCTIONS[0], max_tokens=100).choices[0].text
     short_alone = complete(client, RAW_PROMPTS[2], max_tokens=5).choices[0].text
     engine.step_delay = 0.02  # 100 tokens take 2 s or more
+    while server.engine.decoding:  # the answers above have been sent; their rows leave right after
+        time.sleep(0.01)
     ended_before = len(engine.ended)
     long_stream = iter(complete(client, INSTRUCTIONS[0], max_tokens=100, stream=True))
     long_text = "".join(next(long_stream).choices[0].text for _ in range(3))  # the long answer is decoding
