@@ -31,6 +31,7 @@ from tokenizer import Tokenizer
 
 SMALLEST_CHUNK = 8  # fewer tokens a forward would waste the prefill's matrix products on too few rows
 IDLE_PREFILL_TOKENS = 2048  # prompt tokens in one forward when no row is decoding: bounds its activations
+NUCLEUS_CANDIDATES = 64  # the most likely tokens sorted first for top_p (see nucleus)
 GATHER_SECONDS = 0.02  # an idle engine waits this long for requests sent at the same moment, to prefill them together
 
 
@@ -89,11 +90,25 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the more likely tokens before it already reach top_p; the most likely always stays.
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = nucleus(probs, top_p)
+    # Inverse transform sampling: torch.multinomial draws a random number per token of the vocabulary, which on the
+    # CPU costs more than a small model's decoding step.
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """probs (B, vocab) with every token outside the nucleus set to 0: a token stays when the more likely tokens
+    before it hold less than top_p, so the most likely always stays. Sorting the whole vocabulary costs more than
+    a small model's decoding step, and a trained model's nucleus is nearly always among its few most likely
+    tokens: those are sorted first, and the whole vocabulary only when the nucleus may reach past them."""
+    top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # sorted, most likely first
+    before = top.cumsum(dim=-1) - top
+    if not bool((before[:, -1] >= top_p).all()):  # the last candidate may be in: so may later tokens
+        top, order = probs.sort(dim=-1, descending=True)
+        before = top.cumsum(dim=-1) - top
+    return torch.zeros_like(probs).scatter(-1, order, top.masked_fill(before >= top_p, 0.0))
 
 
 def check_prompt_lengths(prompt_ids: list[list[int]], max_seq_len: int) -> None:

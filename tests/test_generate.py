@@ -15,7 +15,7 @@ import engine
 import generate
 from checkpoint import load_model
 from data import format_prompt
-from engine import TextStream, generate_ids, sample
+from engine import TextStream, generate_ids, nucleus, sample
 from optimize import CompiledSteps, library_path, use_cpu_decoding_layout, weights_digest
 from tokenizer import Tokenizer
 
@@ -281,6 +281,25 @@ def test_sample_follows_the_distribution():
     torch.testing.assert_close(frequencies(temperature=1.0, top_p=0.7, top_k=0), top3, atol=0.01, rtol=0)
     greedy = sample(logits.expand(4, -1), temperature=0.0, top_p=1.0, top_k=0, generator=generator)
     assert greedy.tolist() == [0, 0, 0, 0]
+
+
+def test_nucleus_keeps_the_tokens_transformers_keeps():
+    """The nucleus found among the most likely tokens first (the whole vocabulary when it may reach past them) is
+    the one transformers' TopPLogitsWarper finds by sorting the whole vocabulary, the probabilities unchanged."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    sizes = []
+    for temperature in (0.05, 0.7, 5.0):
+        logits = torch.randn(4, 32000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / temperature
+        probs = torch.softmax(logits, dim=-1)
+        for top_p in (0.5, 0.9, 0.99):
+            kept = nucleus(probs, top_p)
+            theirs = TopPLogitsWarper(top_p)(None, logits) > float("-inf")
+            assert torch.equal(kept > 0, theirs)
+            assert torch.equal(kept[theirs], probs[theirs])
+            sizes += theirs.sum(dim=-1).tolist()
+    # Nuclei within the first candidates, and nuclei past them.
+    assert min(sizes) < engine.NUCLEUS_CANDIDATES < max(sizes), sizes
 
 
 def test_text_stream_never_shows_half_a_character(tokenizer):
