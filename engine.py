@@ -233,7 +233,11 @@ class Engine:
             self.leave(request)
         self.admit()
         if self.prefilling:
-            self.prefill()
+            # The decoding rows ride in the prompt's forward unless a compiled step is there to decode them.
+            with_decoding = bool(self.decoding) and self.compiled_step(len(self.decoding)) is None
+            self.prefill(with_decoding)
+            if with_decoding:
+                return
         if self.decoding:
             self.decode()
 
@@ -265,39 +269,41 @@ class Engine:
             return IDLE_PREFILL_TOKENS
         return self.prefill_chunk or self.chunk
 
-    def prefill(self) -> None:
-        """The next chunk of the joining prompts, first come first served, in one forward (right-padded); a prompt
-        that is complete gives its first token and its request joins the decoding rows."""
-        budget, pieces, beside = self.prefill_budget(), [], bool(self.decoding)
+    def prefill(self, with_decoding: bool) -> None:
+        """The next chunk of the joining prompts, first come first served, in one forward. with_decoding, the
+        decoding rows' next tokens ride in the same forward, so that the weights are read once for both; the
+        linear layers run on the real tokens alone (tokens_at), not on the one-token rows' padding. A prompt that
+        is complete gives its first token and its request joins the decoding rows."""
+        budget, pieces = self.prefill_budget(), []
         left = budget
         for request in self.prefilling:
             n = min(len(request.prompt_ids) - request.length, left)
             if n <= 0:
                 break
-            pieces.append((request, n))
+            pieces.append((request, request.prompt_ids[request.length : request.length + n]))
             left -= n
-        width = max(n for _, n in pieces)
-        tokens = torch.zeros(len(pieces), width, dtype=torch.long)
-        slots = torch.full((len(pieces), width), self.scratch_slot)  # padding writes to the scratch slot
-        for i, (request, n) in enumerate(pieces):
-            tokens[i, :n] = torch.tensor(request.prompt_ids[request.length : request.length + n])
-            slots[i, :n] = torch.arange(request.length, request.length + n)
-        positions = torch.tensor([request.length for request, _ in pieces])[:, None] + torch.arange(width)
-        used = max(request.length + n for request, n in pieces)
-        mask = (torch.arange(used) <= positions[:, :, None])[:, None]
+        decoding = list(self.decoding) if with_decoding else []
+        rows = [(request, [request.output_ids[-1]]) for request in decoding] + pieces
+        first_row = 0 if with_decoding else len(self.decoding)  # else the rows after the decoding ones
+        self.place_rows([request for request, _ in rows], first_row)
         all_logits = any(request.on_prompt_logits is not None for request, _ in pieces)
-        logits_at = None if all_logits else torch.tensor([n - 1 for _, n in pieces], device=self.device)
-        rows = torch.tensor([request.row for request, _ in pieces], device=self.device)
-        inputs = [t.to(self.device) for t in (tokens, positions, mask, slots)]
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
-                logits = self.model(*inputs, cache_rows=rows, logits_at=logits_at)
-        except Exception as e:  # fails the requests of this forward, not the engine
-            for request, _ in pieces:
+            logits = self.forward_rows(rows, first_row, all_logits)
+        except Exception as e:
+            if decoding:  # again apart, so that the failure fails only the rows it is in
+                self.prefill(with_decoding=False)
+                self.decode()
+                return
+            for request, _ in pieces:  # fails the requests of this forward, not the engine
                 self.fail(request, e)
             return
-        for i, (request, n) in enumerate(pieces):
+        next_tokens = logits[: len(decoding), 0].max(dim=-1).indices.tolist()
+        for i, request in enumerate(decoding):
+            request.length += 1
+            self.take_token(request, logits[i, 0], next_tokens[i])
+        for i, (request, ids) in enumerate(pieces, start=len(decoding)):
+            n = len(ids)
             if request.on_prompt_logits is not None:
                 self.call(request, request.on_prompt_logits, logits[i, :n])
             request.length += n
@@ -312,24 +318,61 @@ class Engine:
                     self.decoding.append(request)  # its cache row moves to its place before the next step
             if request.finish_reason is not None:
                 self.leave(request)
-        seconds = time.perf_counter() - start
-        tokens_done = sum(n for _, n in pieces)
-        self.stats["prompt_tokens"] += tokens_done
-        self.stats["prompt_seconds"] += seconds
+        for request in [r for r in decoding if r.finish_reason is not None]:
+            self.leave(request)
+        self.time_chunk(time.perf_counter() - start, sum(len(ids) for _, ids in pieces), budget, len(decoding))
+
+    def forward_rows(self, rows: list[tuple[Request, list[int]]], first_row: int, all_logits: bool) -> Tensor:
+        """Logits (B, 1, vocab) at the last of each row's new tokens, or (B, T, vocab) at all of them, for
+        requests whose next token ids continue their KV-cache rows first_row, first_row + 1, ...; rows are
+        right-padded to the longest, the padding writing to the scratch slot."""
+        width = max(len(ids) for _, ids in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        slots = torch.full((len(rows), width), self.scratch_slot)
+        tokens_at = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (request, ids) in enumerate(rows):
+            tokens[i, : len(ids)] = torch.tensor(ids)
+            slots[i, : len(ids)] = torch.arange(request.length, request.length + len(ids))
+            tokens_at[i, : len(ids)] = True
+        positions = torch.tensor([request.length for request, _ in rows])[:, None] + torch.arange(width)
+        used = max(request.length + len(ids) for request, ids in rows)
+        mask = (torch.arange(used) <= positions[:, :, None])[:, None]
+        logits_at = None if all_logits else torch.tensor([len(ids) - 1 for _, ids in rows], device=self.device)
+        packed = None if bool(tokens_at.all()) else tokens_at.to(self.device)
+        inputs = [t.to(self.device) for t in (tokens, positions, mask, slots)]
+        with torch.inference_mode():
+            return self.model(*inputs, first_row=first_row, tokens_at=packed, logits_at=logits_at)
+
+    def time_chunk(self, seconds: float, tokens: int, budget: int, decoded: int) -> None:
+        """Counts a prefill forward in the stats, and sizes the next chunk beside decoding rows so that it costs
+        about one decoding step on top of theirs (a prompt's short last piece says little, unless it was slow).
+        A forward that also decoded rows gives the fastest recent step's time of it to decoding."""
         step = min(self.step_seconds, default=None)  # a neighbour's load only ever slows a step down
-        if beside and step is not None and (tokens_done == budget or seconds > step):
-            # The next chunk beside decoding rows as long as this one would have had to be to cost a step (a
-            # prompt's short last piece says little, unless it took longer than a step).
-            self.chunk = min(max(SMALLEST_CHUNK, round(tokens_done * step / seconds)), IDLE_PREFILL_TOKENS)
+        decoding_share = min(step, seconds) if decoded and step is not None else 0.0
+        self.stats["tokens"] += decoded
+        self.stats["decode_seconds"] += decoding_share
+        self.stats["prompt_tokens"] += tokens
+        self.stats["prompt_seconds"] += seconds - decoding_share
+        if self.decoding and step is not None and tokens and (tokens == budget or seconds - decoding_share > step):
+            extra = max(seconds - decoding_share, step / 8)  # at most 8 times longer a chunk each time
+            self.chunk = min(max(SMALLEST_CHUNK, round(tokens * step / extra)), IDLE_PREFILL_TOKENS)
+
+    def place_rows(self, requests: list[Request], first_row: int) -> None:
+        """Moves the requests' keys and values to cache rows first_row, first_row + 1, ... in their order."""
+        for i, request in enumerate(requests, start=first_row):
+            if request.row != i:
+                self.move_to_row(request, i)
+
+    def compiled_step(self, batch_size: int) -> tuple[int, Callable[..., Tensor]] | None:
+        """The compiled step that decodes batch_size rows (padded to its own batch size, step), or None."""
+        return self.compiled.get(batch_size) if self.compiled is not None else None
 
     def decode(self) -> None:
         """One token for every decoding row: one step over cache rows 0..B-1, or a compiled step for a batch of
         B or more, whose padding rows write to the scratch slot and read slot 0."""
-        for i, request in enumerate(self.decoding):
-            if request.row != i:
-                self.move_to_row(request, i)
+        self.place_rows(self.decoding, 0)
         batch_size = len(self.decoding)
-        compiled = self.compiled.get(batch_size) if self.compiled is not None else None
+        compiled = self.compiled_step(batch_size)
         padding = 0 if compiled is None else compiled[0] - batch_size
         lengths = [request.length for request in self.decoding]
         tokens = torch.tensor([[request.output_ids[-1]] for request in self.decoding] + [[0]] * padding)

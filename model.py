@@ -105,15 +105,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: Tensor, k: Tensor, v: Tensor, used: int, rows: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Writes k and v (B, n_kv_heads, T, head_dim) at slots (B, T) of the cache rows `rows` (B,), or of rows
-        0..B-1 when rows is None, and returns those rows' first `used` slots. Rows 0..B-1 are a view; other rows
-        are gathered, a copy."""
-        index = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+    def update(self, slots: Tensor, k: Tensor, v: Tensor, used: int, first_row: int) -> tuple[Tensor, Tensor]:
+        """Writes k and v (B, n_kv_heads, T, head_dim) at slots (B, T) of cache rows first_row..first_row+B-1, and
+        returns a view of those rows' first `used` slots."""
+        rows = slice(first_row, first_row + k.shape[0])
+        index = torch.arange(rows.start, rows.stop, device=k.device)
         self.k[index[:, None], :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[index[:, None], :, slots] = v.transpose(1, 2).to(self.v.dtype)
-        if rows is None:
-            return self.k[: k.shape[0], :, :used], self.v[: k.shape[0], :, :used]
         return self.k[rows, :, :used], self.v[rows, :, :used]
 
 
@@ -135,26 +133,38 @@ class Attention(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         cache_slots: Tensor | None,
-        cache_rows: Tensor | None,
+        first_row: int,
+        tokens_at: Tensor | None,
     ):
-        B, T, _ = x.shape
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             kv_width = self.n_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        if tokens_at is not None:  # x holds only the real tokens: attention needs them in their rows
+            q, k, v = (unpack(t, tokens_at) for t in (q, k, v))
+        B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dtype = attention_dtype(x)
         if cache_slots is not None:
-            k, v = self.cache.update(cache_slots, k, v, mask.shape[-1], cache_rows)
+            k, v = self.cache.update(cache_slots, k, v, mask.shape[-1], first_row)
         y = F.scaled_dot_product_attention(
             q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # fmt: skip
-        return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, -1))
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if tokens_at is None else y[tokens_at][None])
+
+
+def unpack(x: Tensor, tokens_at: Tensor) -> Tensor:
+    """x (1, N, C), the real tokens of a batch packed in order, back in their places in the batch (B, T, C), as
+    tokens_at (B, T) marks them; zeros elsewhere."""
+    batch = x.new_zeros(*tokens_at.shape, x.shape[-1])
+    batch[tokens_at] = x[0]
+    return batch
 
 
 class MLP(nn.Module):
@@ -267,9 +277,10 @@ class Block(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         cache_slots: Tensor | None,
-        cache_rows: Tensor | None,
+        first_row: int,
+        tokens_at: Tensor | None,
     ):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots, cache_rows)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots, first_row, tokens_at)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -294,7 +305,8 @@ class Transformer(nn.Module):
         mask: Tensor | None = None,
         cache_slots: Tensor | None = None,
         labels: Tensor | None = None,
-        cache_rows: Tensor | None = None,
+        first_row: int = 0,
+        tokens_at: Tensor | None = None,
         logits_at: Tensor | None = None,
     ) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or with `labels` the summed cross-entropy over labels that
@@ -304,7 +316,9 @@ class Transformer(nn.Module):
         mask: boolean, broadcastable to (B, 1, T, S), True where a query may attend a key; default causal.
         cache_slots (B, T): with a KV cache set up, the cache slots each row's new keys go to; S is then the
         mask's last dimension, the number of cache slots read (default: up to the last slot written, causal).
-        cache_rows (B,): the cache rows the batch's rows use (default 0..B-1, the only choice that copies nothing).
+        first_row: the batch's rows use cache rows first_row..first_row+B-1.
+        tokens_at (B, T): True at the real tokens of rows right-padded to T (a mix of one-token decoding rows and
+        prompt chunks): the linear layers then run on those tokens alone, not on the padding.
         logits_at (B,): only the logits at this position of each row, (B, 1, vocab): the others would be thrown
         away, and the output layer is a large share of a small model.
         """
@@ -315,8 +329,12 @@ class Transformer(nn.Module):
             mask = (used <= cache_slots[..., None])[:, None]
         h = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.model_args.head_dim, self.model_args.rope_theta, h.dtype)
+        if tokens_at is not None:
+            h = h[tokens_at][None]
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache_slots, cache_rows)
+            h = layer(h, cos, sin, mask, cache_slots, first_row, tokens_at)
+        if tokens_at is not None:
+            h = unpack(h, tokens_at)
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]
         h = self.norm(h)
