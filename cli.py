@@ -2,6 +2,9 @@
 dump or a traceback."""
 
 import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,3 +41,15 @@ def check_ranges(args: argparse.Namespace, ranges: dict[str, str]) -> None:
         value = getattr(args, flag)
         if value is not None and not RANGES[bounds](value):
             raise ValueError(f"--{flag} must be {bounds}, got {value}")
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Around a command line's work: a user error (ValueError, OSError) exits 1 with its one line on stderr, and
+    Ctrl-C exits 130, both without a traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from checkpoint import write_json
-from cli import ArgumentParser, check_ranges
+from cli import ArgumentParser, check_ranges, exit_on_user_error
 from data import format_prompt
 from engine import check_prompt_lengths, generate
 from http_client import error_message, is_worth_retrying, post_json, retry_pause
@@ -506,12 +506,8 @@ def serve_human(pairs: list[dict], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with exit_on_user_error():
         run(parse_args(argv))
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from cli import ArgumentParser, check_ranges
+from cli import ArgumentParser, check_ranges, exit_on_user_error
 from data import decode_text, format_prompt, load_dataset, parse_records, rank_micro_batches, read_records
 from engine import Engine, Request, TextStream, check_prompt_lengths, generate, row_seeds
 from loading import add_model_flags, load_for_decoding, load_tokenizer, model_path_or_default
@@ -240,15 +240,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        run(parse_args(argv))
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as the Python docs recommend
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    with exit_on_user_error():
+        try:
+            run(parse_args(argv))
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as the Python docs recommend
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
 
 
 if __name__ == "__main__":

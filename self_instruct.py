@@ -23,7 +23,6 @@ import os
 import random
 import re
 import string
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoint import write_json
-from cli import ArgumentParser, check_ranges
+from cli import ArgumentParser, check_ranges, exit_on_user_error
 from data import decode_text, json_lines
 from engine import Engine, Request, check_prompt_lengths, row_seeds
 from http_client import error_message, is_worth_retrying, post_json, retry_pause
@@ -675,12 +674,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with exit_on_user_error():  # on Ctrl-C too, regen.json holds every request taken so far
         run(parse_args(argv))
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # regen.json holds every request taken so far
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from checkpoint import (
     weight_index,
     write_json,
 )
-from cli import ArgumentParser, str2bool
+from cli import ArgumentParser, exit_on_user_error, str2bool
 from engine import generate
 from loading import pick_device
 from model import ModelArgs, Transformer
@@ -268,16 +268,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with exit_on_user_error():
         args = parse_args(argv)
         if args.task == "make_diff":
             make_diff(args.path_raw, args.path_tuned, args.path_diff, args.device)
         else:
             recover(args.path_raw, args.path_diff, args.path_tuned, args.device, args.test_inference)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ ratio to the one-client median of the same run.
 """
 
 import argparse
-import http.client
-import json
 import shutil
 import statistics
 import subprocess
@@ -24,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from bench_engine import stream
 from random_llama import llama_config
 from transformers import LlamaForCausalLM
 
@@ -51,32 +50,12 @@ def start_server(model_dir: str) -> tuple[subprocess.Popen, int]:
     return server, int(line.split(":")[2].split("/")[0])
 
 
-def stream_completion(port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """(seconds to the first text event, completion tokens) of one streamed greedy completion."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    body["stream_options"] = {"include_usage": True}
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    sent = time.perf_counter()
-    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    first_token, tokens = None, 0
-    for line in response:
-        if not line.startswith(b"data: {"):
-            continue
-        event = json.loads(line[6:])
-        if first_token is None and event["choices"] and event["choices"][0]["text"]:
-            first_token = time.perf_counter() - sent
-        if event.get("usage"):
-            tokens = event["usage"]["completion_tokens"]
-    connection.close()
-    return first_token, tokens
-
-
 def run_clients(port: int, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
     """(total generated tokens/s, median seconds to the first token) of `clients` clients at once."""
 
     def client(i: int) -> list[tuple[float, int]]:
-        return [stream_completion(port, PROMPTS[i % len(PROMPTS)], max_tokens) for _ in range(requests)]
+        answers = [stream(port, PROMPTS[i % len(PROMPTS)], max_tokens) for _ in range(requests)]
+        return [(first, tokens) for first, _, tokens, _ in answers]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
